@@ -1,0 +1,199 @@
+"""The ``hubfs`` command line: argument parsing, logging set-up, and user-facing errors.
+
+Every subcommand is a thin call into the engine. ``HubfsError`` becomes one line on stderr and
+its exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+from . import namespace
+from .errors import FsError, HubfsError
+from .importer import export_tree, import_tree
+from .progress import human_bytes
+from .store import Store
+from .verify import verify
+
+log = logging.getLogger(__name__)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    Store.init(args.store, compression_policy=args.compression)
+    print(f"initialised hubfs store at {args.store} (compression: {args.compression})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with Store(args.store) as store:
+        start = time.monotonic()
+        report = import_tree(store, args.src, args.dest)
+        elapsed = time.monotonic() - start
+    print(f"imported {report.files} files ({human_bytes(report.bytes)}), {report.dirs} "
+          f"directories, {report.symlinks} symlinks, {report.hardlinks} hard links in "
+          f"{elapsed:.1f}s; {human_bytes(report.new_stored_bytes)} new bytes stored")
+    if report.errors:
+        for err in report.errors[:20]:
+            print(f"  could not import {err}", file=sys.stderr)
+        raise HubfsError(f"{len(report.errors)} entries could not be read (listed above); "
+                         "everything else was imported and the store is consistent: fix their "
+                         "permissions and run the import again", 1)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        files = export_tree(store, args.path, args.dest)
+    print(f"exported {files} files to {args.dest}")
+    return 0
+
+
+def _store_path(store: Store, path: str) -> tuple[int, object]:
+    with store.read() as txn:
+        try:
+            ino = namespace.resolve(txn, path)
+            return ino, namespace.get(txn, ino)
+        except FsError as exc:
+            raise HubfsError(f"{path}: not in the store ({exc}); list it with `hubfs ls`", 2) \
+                from None
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        ino, inode = _store_path(store, args.path)
+        with store.read() as txn:
+            if stat.S_ISDIR(inode.mode):  # type: ignore[attr-defined]
+                rows = [(name, namespace.get(txn, child))
+                        for _seq, name, child in namespace.readdir(txn, ino)]
+            else:
+                rows = [(os.fsencode(args.path), inode)]
+    for name, node in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(node.mtime_ns / 1e9))
+        line = (f"{stat.filemode(node.mode)} {node.nlink:3d} {node.uid:5d} {node.gid:5d} "
+                f"{node.size:12d} {when} {os.fsdecode(name)}")
+        if stat.S_ISLNK(node.mode):
+            line += f" -> {os.fsdecode(node.target)}"
+        print(line)
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        _ino, inode = _store_path(store, args.path)
+        if not stat.S_ISREG(inode.mode):  # type: ignore[attr-defined]
+            raise HubfsError(f"{args.path} is not a regular file", 2)
+        cid = inode.content_id  # type: ignore[attr-defined]
+        out = sys.stdout.buffer
+        for offset in range(0, inode.size, 4 << 20):  # type: ignore[attr-defined]
+            out.write(store.reader.read(cid, offset, 4 << 20))
+        out.flush()
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        stats = store.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    rows = [
+        ("files", str(stats["files"])),
+        ("logical size", human_bytes(stats["logical_bytes"])),
+        ("unique chunks", f"{stats['chunks']} ({human_bytes(stats['unique_bytes'])})"),
+        ("stored on disk", human_bytes(stats["stored_bytes"])),
+        ("unreferenced (gc frees)", human_bytes(stats["unreferenced_bytes"])),
+        ("dedup ratio", f"{stats['dedup_ratio']:.2f}x"),
+        ("compression ratio", f"{stats['compression_ratio']:.2f}x"),
+    ]
+    for key, value in rows:
+        print(f"{key:26s} {value}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with Store(args.store, readonly=True) as store:
+        report = verify(store)
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    for path in report.damaged_files:
+        print(f"damaged file: {path}")
+    print(f"checked {report.records} records ({human_bytes(report.bytes_checked)})")
+    if not report.ok:
+        raise HubfsError(f"store {args.store} is damaged: {len(report.problems)} problems, "
+                         f"{len(report.damaged_files)} damaged files (listed above); restore "
+                         "those files from their source and delete the damaged copies", 3)
+    print("store is consistent")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubfs", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create an empty store")
+    p.add_argument("store", type=Path)
+    p.add_argument("--compression", default="auto", choices=["auto", "raw", "max"],
+                   help="auto: compress chunks only where it saves >=20%% (default)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("import", help="copy a directory tree into the store")
+    p.add_argument("store", type=Path)
+    p.add_argument("src", type=Path)
+    p.add_argument("--dest", default="/", help="path inside the store (default /)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a tree of the store back out")
+    p.add_argument("store", type=Path)
+    p.add_argument("path")
+    p.add_argument("dest", type=Path)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ls", help="list a directory of the store")
+    p.add_argument("store", type=Path)
+    p.add_argument("path", nargs="?", default="/")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("cat", help="write a stored file to stdout")
+    p.add_argument("store", type=Path)
+    p.add_argument("path")
+    p.set_defaults(func=cmd_cat)
+
+    p = sub.add_parser("stats", help="sizes, dedup and compression figures")
+    p.add_argument("store", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("verify", help="check every byte and the whole index")
+    p.add_argument("store", type=Path)
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except HubfsError as exc:
+        print(f"hubfs: error: {exc.message}", file=sys.stderr)
+        return exc.exitcode
+    except KeyboardInterrupt:
+        print("hubfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

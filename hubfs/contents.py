@@ -1,0 +1,97 @@
+"""File contents: their ids, their chunk tables, and the reference counts that keep them.
+
+A content id is BLAKE3-256 over a domain tag, the file size and the ordered chunk ids. Chunk
+ids are BLAKE3 of the chunk bytes, so the content id is as collision resistant as BLAKE3 itself
+and costs no second pass over the data; it depends on the store's chunking parameters, which
+are fixed per store. Content ids never appear as paths: a user reaches bytes only through an
+inode they may open.
+
+References: ``content_refs`` counts inodes holding a content; a chunk's ``refcount`` counts its
+occurrences in content tables. A chunk at zero stays in its pack (a later write of the same
+bytes revives it for free) until ``gc`` reclaims it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import blake3
+
+from .errors import IntegrityError
+from .index import ChunkEntry, ContentTable, Txn
+from .packs import ChunkLocation
+
+log = logging.getLogger(__name__)
+
+CONTENT_ID_TAG = b"hubfs-content-v1\0"
+
+
+def content_id(size: int, chunk_ids: tuple[bytes, ...] | list[bytes]) -> bytes:
+    hasher = blake3.blake3(CONTENT_ID_TAG + size.to_bytes(8, "little"))
+    for cid in chunk_ids:
+        hasher.update(cid)
+    return hasher.digest()
+
+
+@dataclass(frozen=True)
+class PreparedContent:
+    """Content whose new chunks are appended to packs but not yet known to the index."""
+
+    content_id: bytes
+    table: ContentTable
+    new_chunks: dict[bytes, ChunkLocation] = field(default_factory=dict)
+    new_stored_bytes: int = 0
+
+
+EMPTY = PreparedContent(content_id(0, ()), ContentTable(0, (), ()))
+
+
+def empty_content(txn: Txn) -> tuple[bytes, int]:
+    """The empty file's content, registered if this is its first use."""
+    if txn.content(EMPTY.content_id) is None:
+        txn.put_content(EMPTY.content_id, EMPTY.table)
+    return EMPTY.content_id, 0
+
+
+def register(txn: Txn, prepared: PreparedContent) -> None:
+    """Make prepared content known to the index; its packs must already be synced.
+
+    The new content starts with no reference: ``add_ref`` (through the namespace) gives it one.
+    """
+    if txn.content(prepared.content_id) is not None:
+        return
+    for chunk_id in prepared.table.chunk_ids:
+        entry = txn.chunk(chunk_id)
+        if entry is None:
+            loc = prepared.new_chunks.get(chunk_id)
+            if loc is None:
+                raise IntegrityError(
+                    f"chunk {chunk_id.hex()[:16]} vanished from the index while a file was being "
+                    "stored (was `hubfs gc` run at the same time?); write the file again",
+                    chunk_id)
+            entry = ChunkEntry(loc, 0)
+        txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount + 1))
+    txn.put_content(prepared.content_id, prepared.table)
+
+
+def add_ref(txn: Txn, cid: bytes) -> None:
+    if txn.content(cid) is None:
+        raise IntegrityError(f"content {cid.hex()[:16]} is not in the index", None)
+    txn.put_content_refs(cid, txn.content_refs(cid) + 1)
+
+
+def drop_ref(txn: Txn, cid: bytes) -> None:
+    """One holder less; the last one takes the content and its chunk references with it."""
+    refs = txn.content_refs(cid)
+    if refs > 1:
+        txn.put_content_refs(cid, refs - 1)
+        return
+    table = txn.content(cid)
+    txn.delete_content(cid)
+    if table is None:
+        return
+    for chunk_id in table.chunk_ids:
+        entry = txn.chunk(chunk_id)
+        if entry is not None and entry.refcount > 0:
+            txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount - 1))

@@ -1,0 +1,317 @@
+"""The LMDB index: every piece of metadata, and the binary layout of each value.
+
+Named databases::
+
+    meta          key           -> value (format version, settings JSON, counters)
+    chunks        chunk id      -> ChunkEntry (pack location, codec, lengths, sums, refcount)
+    contents      content id    -> ContentTable (size, chunk ids and lengths)
+    content_refs  content id    -> u64 number of inodes that hold this content
+    inodes        ino u64 BE    -> Inode (attributes, then content id / symlink target)
+    dirents       parent+name   -> child ino u64, entry seq u64
+    dirseq        parent+seq    -> name (readdir order: offsets stay valid as entries change)
+    xattrs        ino+name      -> value
+
+Integer keys are big-endian so LMDB's byte order is numeric order. Every value starts with a
+version byte. ``Index`` hands out ``Txn`` objects; a write transaction is never held across an
+``await`` (the FUSE layer runs them inside one thread call).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from .compression import Codec
+from .errors import HubfsError, StoreFormatError
+from .packs import SUM, ChunkLocation
+
+log = logging.getLogger(__name__)
+
+DB_NAMES = ("meta", "chunks", "contents", "content_refs", "inodes", "dirents", "dirseq", "xattrs")
+# Virtual address space reserved for the index; LMDB grows the file only as data is written.
+MAP_SIZE_BYTES = 1 << 40
+VALUE_VERSION = 1
+ROOT_INO = 1
+
+U64 = struct.Struct(">Q")
+KEY2 = struct.Struct(">QQ")
+CHUNK_ENTRY = struct.Struct("<BBIQIIIH")
+CONTENT_HEAD = struct.Struct("<BQI")
+CONTENT_ITEM = struct.Struct("<32sI")
+INODE = struct.Struct("<BIIIIIQqqqQ")
+DIRENT = struct.Struct(">QQ")
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    location: ChunkLocation
+    refcount: int
+
+    def encode(self) -> bytes:
+        loc = self.location
+        head = CHUNK_ENTRY.pack(VALUE_VERSION, loc.codec, loc.pack_id, loc.offset, loc.raw_len,
+                                loc.stored_len, self.refcount, len(loc.sums))
+        return head + b"".join(SUM.pack(s) for s in loc.sums)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ChunkEntry:
+        _v, codec, pack_id, offset, raw_len, stored_len, refs, n = CHUNK_ENTRY.unpack_from(raw)
+        sums = struct.unpack_from(f"<{n}Q", raw, CHUNK_ENTRY.size)
+        return cls(ChunkLocation(pack_id, offset, Codec(codec), raw_len, stored_len, sums), refs)
+
+
+@dataclass(frozen=True)
+class ContentTable:
+    """A file's bytes as a list of chunks: ids and raw lengths, in file order."""
+
+    size: int
+    chunk_ids: tuple[bytes, ...]
+    lengths: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        head = CONTENT_HEAD.pack(VALUE_VERSION, self.size, len(self.chunk_ids))
+        return head + b"".join(
+            CONTENT_ITEM.pack(cid, n) for cid, n in zip(self.chunk_ids, self.lengths)
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ContentTable:
+        _v, size, count = CONTENT_HEAD.unpack_from(raw)
+        items = list(CONTENT_ITEM.iter_unpack(memoryview(raw)[CONTENT_HEAD.size :]))
+        if len(items) != count:
+            raise ValueError("content record length does not match its chunk count")
+        return cls(size, tuple(i[0] for i in items), tuple(i[1] for i in items))
+
+
+@dataclass(frozen=True)
+class Inode:
+    """Attributes of one inode. ``mode`` carries the file type bits (S_IFREG, S_IFDIR, ...)."""
+
+    mode: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    rdev: int = 0
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    parent: int = 0  # directories only: the one directory that holds this one
+    content_id: bytes = b""  # regular files: the committed content ("" = empty file)
+    target: bytes = b""  # symlinks: the link target
+
+    def encode(self) -> bytes:
+        tail = self.content_id or self.target
+        return INODE.pack(VALUE_VERSION, self.mode, self.uid, self.gid, self.nlink, self.rdev,
+                          self.size, self.atime_ns, self.mtime_ns, self.ctime_ns,
+                          self.parent) + tail
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Inode:
+        (_v, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime,
+         parent) = INODE.unpack_from(raw)
+        tail = bytes(raw[INODE.size :])
+        is_reg = (mode & 0o170000) == 0o100000
+        return cls(mode, uid, gid, nlink, rdev, size, atime, mtime, ctime, parent,
+                   content_id=tail if is_reg else b"", target=b"" if is_reg else tail)
+
+    def with_(self, **changes: Any) -> Inode:
+        return replace(self, **changes)
+
+
+class Txn:
+    """One LMDB transaction with typed accessors for each database."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.raw = txn
+        self.dbs = dbs
+
+    # -- meta
+    def meta_get(self, key: str) -> bytes | None:
+        return self.raw.get(key.encode(), db=self.dbs["meta"])
+
+    def meta_put(self, key: str, value: bytes) -> None:
+        self.raw.put(key.encode(), value, db=self.dbs["meta"])
+
+    def next_counter(self, key: str, start: int = 1) -> int:
+        raw = self.meta_get(key)
+        value = U64.unpack(raw)[0] if raw else start
+        self.meta_put(key, U64.pack(value + 1))
+        return value
+
+    # -- chunks
+    def chunk(self, chunk_id: bytes) -> ChunkEntry | None:
+        raw = self.raw.get(chunk_id, db=self.dbs["chunks"])
+        return ChunkEntry.decode(raw) if raw is not None else None
+
+    def put_chunk(self, chunk_id: bytes, entry: ChunkEntry) -> None:
+        self.raw.put(chunk_id, entry.encode(), db=self.dbs["chunks"])
+
+    def delete_chunk(self, chunk_id: bytes) -> None:
+        self.raw.delete(chunk_id, db=self.dbs["chunks"])
+
+    def chunks(self) -> Iterator[tuple[bytes, ChunkEntry]]:
+        with self.raw.cursor(db=self.dbs["chunks"]) as cur:
+            for key, value in cur:
+                yield bytes(key), ChunkEntry.decode(value)
+
+    # -- contents
+    def content(self, content_id: bytes) -> ContentTable | None:
+        raw = self.raw.get(content_id, db=self.dbs["contents"])
+        return ContentTable.decode(raw) if raw is not None else None
+
+    def put_content(self, content_id: bytes, table: ContentTable) -> None:
+        self.raw.put(content_id, table.encode(), db=self.dbs["contents"])
+
+    def delete_content(self, content_id: bytes) -> None:
+        self.raw.delete(content_id, db=self.dbs["contents"])
+        self.raw.delete(content_id, db=self.dbs["content_refs"])
+
+    def contents(self) -> Iterator[tuple[bytes, ContentTable]]:
+        with self.raw.cursor(db=self.dbs["contents"]) as cur:
+            for key, value in cur:
+                yield bytes(key), ContentTable.decode(value)
+
+    def content_refs(self, content_id: bytes) -> int:
+        raw = self.raw.get(content_id, db=self.dbs["content_refs"])
+        return U64.unpack(raw)[0] if raw else 0
+
+    def put_content_refs(self, content_id: bytes, refs: int) -> None:
+        self.raw.put(content_id, U64.pack(refs), db=self.dbs["content_refs"])
+
+    def all_content_refs(self) -> Iterator[tuple[bytes, int]]:
+        with self.raw.cursor(db=self.dbs["content_refs"]) as cur:
+            for key, value in cur:
+                yield bytes(key), U64.unpack(value)[0]
+
+    # -- inodes
+    def inode(self, ino: int) -> Inode | None:
+        raw = self.raw.get(U64.pack(ino), db=self.dbs["inodes"])
+        return Inode.decode(raw) if raw is not None else None
+
+    def put_inode(self, ino: int, inode: Inode) -> None:
+        self.raw.put(U64.pack(ino), inode.encode(), db=self.dbs["inodes"])
+
+    def delete_inode(self, ino: int) -> None:
+        self.raw.delete(U64.pack(ino), db=self.dbs["inodes"])
+
+    def inodes(self) -> Iterator[tuple[int, Inode]]:
+        with self.raw.cursor(db=self.dbs["inodes"]) as cur:
+            for key, value in cur:
+                yield U64.unpack(key)[0], Inode.decode(value)
+
+    # -- directory entries
+    def dirent(self, parent: int, name: bytes) -> tuple[int, int] | None:
+        raw = self.raw.get(U64.pack(parent) + name, db=self.dbs["dirents"])
+        return DIRENT.unpack(raw) if raw is not None else None
+
+    def put_dirent(self, parent: int, name: bytes, child: int, seq: int) -> None:
+        self.raw.put(U64.pack(parent) + name, DIRENT.pack(child, seq), db=self.dbs["dirents"])
+        self.raw.put(KEY2.pack(parent, seq), name, db=self.dbs["dirseq"])
+
+    def delete_dirent(self, parent: int, name: bytes, seq: int) -> None:
+        self.raw.delete(U64.pack(parent) + name, db=self.dbs["dirents"])
+        self.raw.delete(KEY2.pack(parent, seq), db=self.dbs["dirseq"])
+
+    def dir_has_entries(self, parent: int) -> bool:
+        with self.raw.cursor(db=self.dbs["dirseq"]) as cur:
+            return cur.set_range(U64.pack(parent)) and cur.key()[:8] == U64.pack(parent)
+
+    def dir_entries(self, parent: int, after_seq: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """``(seq, name, child)`` of a directory in creation order, from ``after_seq`` on."""
+        prefix = U64.pack(parent)
+        dirents = self.dbs["dirents"]
+        with self.raw.cursor(db=self.dbs["dirseq"]) as cur:
+            if not cur.set_range(KEY2.pack(parent, after_seq + 1)):
+                return
+            for key, name in cur:
+                if key[:8] != prefix:
+                    return
+                seq = U64.unpack(key[8:])[0]
+                child = DIRENT.unpack(self.raw.get(prefix + name, db=dirents))[0]
+                yield seq, bytes(name), child
+
+    def all_dirents(self) -> Iterator[tuple[int, bytes, int, int]]:
+        with self.raw.cursor(db=self.dbs["dirents"]) as cur:
+            for key, value in cur:
+                child, seq = DIRENT.unpack(value)
+                yield U64.unpack(key[:8])[0], bytes(key[8:]), child, seq
+
+    # -- extended attributes
+    def xattr(self, ino: int, name: bytes) -> bytes | None:
+        raw = self.raw.get(U64.pack(ino) + name, db=self.dbs["xattrs"])
+        return bytes(raw) if raw is not None else None
+
+    def put_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.raw.put(U64.pack(ino) + name, value, db=self.dbs["xattrs"])
+
+    def delete_xattr(self, ino: int, name: bytes) -> bool:
+        return bool(self.raw.delete(U64.pack(ino) + name, db=self.dbs["xattrs"]))
+
+    def xattr_names(self, ino: int) -> list[bytes]:
+        prefix = U64.pack(ino)
+        names = []
+        with self.raw.cursor(db=self.dbs["xattrs"]) as cur:
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if key[:8] != prefix:
+                        break
+                    names.append(bytes(key[8:]))
+        return names
+
+
+class Index:
+    """The LMDB environment of a store."""
+
+    def __init__(self, path: Path, readonly: bool = False, create: bool = False) -> None:
+        self.path = path
+        try:
+            self.env = lmdb.open(str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(DB_NAMES) + 2,
+                                 readonly=readonly, create=create, subdir=True, max_readers=512)
+        except lmdb.Error as exc:
+            raise StoreFormatError(
+                f"cannot open the index at {path}: {exc}; check that this is a hubfs store "
+                "(`hubfs init` makes one) and that you may read it") from exc
+        try:
+            self.dbs = {name: self.env.open_db(name.encode(), create=not readonly)
+                        for name in DB_NAMES}
+        except lmdb.Error as exc:
+            self.env.close()
+            raise StoreFormatError(
+                f"the index at {path} lacks the hubfs databases ({exc}); it is not a hubfs "
+                "store, or a damaged one: `hubfs verify --repair` restores it") from exc
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        with self.env.begin(write=False, buffers=False) as txn:
+            yield Txn(txn, self.dbs)
+
+    @contextmanager
+    def write(self) -> Iterator[Txn]:
+        try:
+            with self.env.begin(write=True) as txn:
+                yield Txn(txn, self.dbs)
+        except lmdb.MapFullError as exc:
+            raise HubfsError(f"the index at {self.path} is full ({exc})") from exc
+        except lmdb.DiskError as exc:
+            raise HubfsError(f"cannot write the index at {self.path}: {exc}; "
+                             "free space on its disk and retry") from exc
+
+    def settings(self) -> dict[str, Any]:
+        with self.read() as txn:
+            raw = txn.meta_get("settings")
+        return json.loads(raw) if raw else {}
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.name.endswith(".mdb"))
+
+    def close(self) -> None:
+        self.env.close()

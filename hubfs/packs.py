@@ -1,0 +1,347 @@
+"""Pack files: chunk records at rest, append-only, each record self-describing.
+
+A record carries its chunk id, codec, lengths and checksums, so the index can be rebuilt by
+scanning packs, and ``verify`` can check every byte without the index. Checksums cover blocks of
+``CHECK_BLOCK_BYTES`` of the stored bytes rather than the whole record: a 4 KiB read of a raw
+chunk then reads and checks 64 KiB, not the whole chunk. Packs are sealed at
+``PACK_TARGET_BYTES``; a record whose write failed is cut off again, so a pack only ever ends
+with whole records (a crash can leave a torn tail, which ``open_for_append`` trims).
+
+Pack file layout::
+
+    offset  size  field
+    0       8     magic b"HUBFSPAK"
+    8       4     pack format version (u32 LE)
+    12      4     pack id (u32 LE)
+    16      ...   records, back to back
+
+Record layout (little endian)::
+
+    0       4     magic b"HCK1"
+    4       1     record format version
+    5       1     codec (hubfs.compression.Codec)
+    6       2     n = number of block checksums
+    8       4     raw length
+    12      4     stored length
+    16      32    chunk id: BLAKE3-256 of the raw bytes
+    48      8*n   xxh3-64 of each CHECK_BLOCK_BYTES block of the stored bytes
+    48+8n   8     xxh3-64 of bytes [0, 48+8n): guards the header itself
+    56+8n   ...   stored bytes
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from .compression import Codec
+from .errors import IntegrityError, StoreFullError
+
+log = logging.getLogger(__name__)
+
+PACK_MAGIC = b"HUBFSPAK"
+PACK_VERSION = 1
+PACK_HEADER = struct.Struct("<8sII")
+RECORD_MAGIC = b"HCK1"
+RECORD_VERSION = 1
+RECORD_FIXED = struct.Struct("<4sBBHII32s")
+SUM = struct.Struct("<Q")
+CHECK_BLOCK_BYTES = 64 * 1024
+PACK_TARGET_BYTES = 128 * 1024 * 1024
+MAX_RECORD_RAW_BYTES = 64 * 1024 * 1024  # far above any chunk size; bounds what a scan reads
+OPEN_PACKS_MAX = 64
+
+
+def block_sums(stored: bytes | memoryview) -> tuple[int, ...]:
+    view = memoryview(stored)
+    return tuple(
+        xxhash.xxh3_64_intdigest(view[i : i + CHECK_BLOCK_BYTES])
+        for i in range(0, len(view), CHECK_BLOCK_BYTES)
+    )
+
+
+def header_bytes(n_sums: int) -> int:
+    return RECORD_FIXED.size + SUM.size * n_sums + SUM.size
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where a chunk's record lives and how to read it back."""
+
+    pack_id: int
+    offset: int  # of the record header in the pack file
+    codec: Codec
+    raw_len: int
+    stored_len: int
+    sums: tuple[int, ...]
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + header_bytes(len(self.sums))
+
+    @property
+    def record_end(self) -> int:
+        return self.payload_offset + self.stored_len
+
+
+def encode_header(chunk_id: bytes, codec: Codec, raw_len: int, stored_len: int,
+                  sums: tuple[int, ...]) -> bytes:
+    head = RECORD_FIXED.pack(RECORD_MAGIC, RECORD_VERSION, codec, len(sums), raw_len,
+                             stored_len, chunk_id)
+    head += b"".join(SUM.pack(s) for s in sums)
+    return head + SUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
+@dataclass(frozen=True)
+class ScannedRecord:
+    chunk_id: bytes
+    location: ChunkLocation
+
+
+def pack_name(pack_id: int) -> str:
+    return f"{pack_id:08x}.pack"
+
+
+class PackFiles:
+    """Reads records: a bounded set of open pack descriptors and checksum-checked ``pread``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def path(self, pack_id: int) -> Path:
+        return self.directory / pack_name(pack_id)
+
+    def fd(self, pack_id: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack_id)
+            if fd is not None:
+                self._fds.move_to_end(pack_id)
+                return fd
+            try:
+                fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"pack file {self.path(pack_id)} is missing; run `hubfs verify` to list the "
+                    "files it held", None) from None
+            self._fds[pack_id] = fd
+            if len(self._fds) > OPEN_PACKS_MAX:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def read_blocks(self, chunk_id: bytes, loc: ChunkLocation, first: int, last: int) -> bytes:
+        """Stored bytes of blocks ``[first, last)``, each checked against its checksum."""
+        start = first * CHECK_BLOCK_BYTES
+        end = min(last * CHECK_BLOCK_BYTES, loc.stored_len)
+        data = os.pread(self.fd(loc.pack_id), end - start, loc.payload_offset + start)
+        if len(data) != end - start:
+            raise self._damaged(chunk_id, loc, "the pack is shorter than the index says")
+        view = memoryview(data)
+        for i, block in enumerate(range(first, last)):
+            piece = view[i * CHECK_BLOCK_BYTES : (i + 1) * CHECK_BLOCK_BYTES]
+            if xxhash.xxh3_64_intdigest(piece) != loc.sums[block]:
+                raise self._damaged(chunk_id, loc, f"checksum mismatch in block {block}")
+        return data
+
+    def read_stored(self, chunk_id: bytes, loc: ChunkLocation) -> bytes:
+        return self.read_blocks(chunk_id, loc, 0, len(loc.sums))
+
+    def _damaged(self, chunk_id: bytes, loc: ChunkLocation, why: str) -> IntegrityError:
+        return IntegrityError(
+            f"damaged chunk {chunk_id.hex()[:16]} in {self.path(loc.pack_id)} at offset "
+            f"{loc.offset}: {why}; run `hubfs verify STORE` to list the affected files",
+            chunk_id,
+        )
+
+
+class PackWriter:
+    """Appends records to the newest pack; thread-safe; seals packs at the target size.
+
+    Appended bytes are not durable until ``sync``: callers sync before the index transaction
+    that references them commits, so an index entry never points at missing bytes.
+    """
+
+    def __init__(self, directory: Path, target_bytes: int = PACK_TARGET_BYTES) -> None:
+        self.directory = directory
+        self.target_bytes = target_bytes
+        self._lock = threading.Lock()
+        self._unsynced: dict[int, int] = {}  # pack id -> fd with bytes not yet fsync'd
+        self._dir_unsynced = False
+        existing = sorted(pack_ids(directory))
+        self._pack_id = existing[-1] if existing else 0
+        self._fd = -1
+        self._end = 0
+        if existing:
+            self._open_existing(self._pack_id)
+        else:
+            self._start_pack(1)
+
+    def _open_existing(self, pack_id: int) -> None:
+        path = self.directory / pack_name(pack_id)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        end = valid_end(fd)
+        size = os.fstat(fd).st_size
+        if end < size:
+            log.warning("pack %s ends in a torn record: trimmed %d bytes", path, size - end)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        self._pack_id, self._fd, self._end = pack_id, fd, end
+        if end >= self.target_bytes:
+            self._start_pack(pack_id + 1)
+
+    def _start_pack(self, pack_id: int) -> None:
+        if self._fd >= 0 and self._pack_id not in self._unsynced:
+            os.close(self._fd)
+        path = self.directory / pack_name(pack_id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, [PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, pack_id)], 0)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self._pack_id, self._fd, self._end = pack_id, fd, PACK_HEADER.size
+        self._unsynced[pack_id] = fd
+        self._dir_unsynced = True
+
+    def append(self, chunk_id: bytes, codec: Codec, raw_len: int,
+               stored: bytes | memoryview) -> ChunkLocation:
+        sums = block_sums(stored)
+        header = encode_header(chunk_id, codec, raw_len, len(stored), sums)
+        with self._lock:
+            if self._end >= self.target_bytes:
+                self._start_pack(self._pack_id + 1)
+            offset = self._end
+            try:
+                _write_all(self._fd, [header, stored], offset)
+            except OSError as exc:
+                os.ftruncate(self._fd, offset)  # never leave a torn record behind
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFullError(
+                        f"no space left on the disk holding {self.directory}: free space there "
+                        "(or run `hubfs gc`) and retry; nothing partial was kept") from exc
+                raise
+            self._end = offset + len(header) + len(stored)
+            self._unsynced[self._pack_id] = self._fd
+        return ChunkLocation(self._pack_id, offset, codec, raw_len, len(stored), sums)
+
+    def sync(self) -> None:
+        """Make every appended record durable (and the names of new pack files)."""
+        with self._lock:
+            pending, self._unsynced = self._unsynced, {}
+            dir_pending, self._dir_unsynced = self._dir_unsynced, False
+            for pack_id, fd in pending.items():
+                os.fsync(fd)
+                if fd != self._fd:
+                    os.close(fd)
+            if dir_pending:
+                dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+
+    def close(self) -> None:
+        self.sync()
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _write_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+    views = [memoryview(b) for b in buffers if len(b)]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def pack_ids(directory: Path) -> list[int]:
+    ids = []
+    for entry in os.scandir(directory):
+        stem, _, ext = entry.name.partition(".")
+        if ext == "pack" and len(stem) == 8:
+            try:
+                ids.append(int(stem, 16))
+            except ValueError:
+                continue
+    return ids
+
+
+def parse_header(buf: bytes, pack_id: int, offset: int) -> ScannedRecord | None:
+    """The record whose header starts ``buf``, or ``None`` if it is not an intact header."""
+    if len(buf) < RECORD_FIXED.size:
+        return None
+    magic, version, codec, n, raw_len, stored_len, chunk_id = RECORD_FIXED.unpack_from(buf, 0)
+    if magic != RECORD_MAGIC or version != RECORD_VERSION:
+        return None
+    if raw_len > MAX_RECORD_RAW_BYTES or stored_len > MAX_RECORD_RAW_BYTES + 1024:
+        return None
+    if n != -(-stored_len // CHECK_BLOCK_BYTES):
+        return None
+    size = header_bytes(n)
+    if len(buf) < size:
+        return None
+    (check,) = SUM.unpack_from(buf, size - SUM.size)
+    if xxhash.xxh3_64_intdigest(memoryview(buf)[: size - SUM.size]) != check:
+        return None
+    try:
+        codec = Codec(codec)
+    except ValueError:
+        return None
+    sums = tuple(SUM.unpack_from(buf, RECORD_FIXED.size + SUM.size * i)[0] for i in range(n))
+    return ScannedRecord(chunk_id, ChunkLocation(pack_id, offset, codec, raw_len, stored_len, sums))
+
+
+def scan(fd: int, pack_id: int) -> Iterator[ScannedRecord]:
+    """Records of a pack in order, stopping at the first one that is not intact.
+
+    Reads headers only; payload checksums are the caller's to check.
+    """
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, PACK_HEADER.size, 0)
+    if len(head) < PACK_HEADER.size or PACK_HEADER.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
+        return
+    offset = PACK_HEADER.size
+    max_header = header_bytes(-(-(MAX_RECORD_RAW_BYTES + 1024) // CHECK_BLOCK_BYTES))
+    while offset < size:
+        first = os.pread(fd, min(header_bytes(16), size - offset), offset)
+        rec = parse_header(first, pack_id, offset)
+        if rec is None and len(first) >= RECORD_FIXED.size:
+            n = RECORD_FIXED.unpack_from(first, 0)[3]
+            if header_bytes(n) <= max_header:
+                rec = parse_header(os.pread(fd, header_bytes(n), offset), pack_id, offset)
+        if rec is None or rec.location.record_end > size:
+            return
+        yield rec
+        offset = rec.location.record_end
+
+
+def valid_end(fd: int) -> int:
+    """Offset just past the last intact record header chain (the pack header if none)."""
+    end = PACK_HEADER.size
+    for rec in scan(fd, 0):
+        end = rec.location.record_end
+    return end

@@ -1,0 +1,210 @@
+"""A store on disk: layout, format checks, the writer lock, and the engine's parts wired up.
+
+Layout (outside any mount)::
+
+    STORE/HUBFS     marker: {"format": N}; tells a store from any other directory
+    STORE/index/    LMDB environment (hubfs.index)
+    STORE/packs/    pack files (hubfs.packs)
+    STORE/staging/  files being written through a mount, until ingested
+    STORE/lock      flock'd by the one process that writes (a mount, an import)
+
+Readers (``ls``, ``cat``, ``stats``, ``verify``) open read-only and take no lock, so they work
+while the store is mounted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import compression, contents, namespace
+from .chunking import ChunkerParams
+from .errors import HubfsError, StoreBusyError, StoreFormatError
+from .index import Index, Txn
+from .ingest import Ingestor
+from .packs import PackFiles, PackWriter
+from .reader import ContentReader
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "HUBFS"
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._lock_fd = -1
+        _check_marker(path)
+        if not readonly:
+            self._lock_fd = _take_lock(path)
+        try:
+            self.index = Index(path / "index", readonly=readonly)
+            settings = self.index.settings()
+            if settings.get("format") != FORMAT_VERSION:
+                raise StoreFormatError(
+                    f"the index of {path} has format {settings.get('format')!r}, this hubfs "
+                    f"reads format {FORMAT_VERSION}: use the hubfs version that made it")
+            self.settings = settings
+            self.params = ChunkerParams.from_dict(settings["chunker"])
+            self.packs = PackFiles(path / "packs")
+            self.reader = ContentReader(self.index, self.packs)
+            self.writer: PackWriter | None = None
+            self.ingestor: Ingestor | None = None
+            if not readonly:
+                self.writer = PackWriter(path / "packs", settings["pack_target_bytes"])
+                self.ingestor = Ingestor(self.index, self.writer, self.params,
+                                         settings["compression"])
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # -- lifecycle
+    @classmethod
+    def init(cls, path: Path, compression_policy: str = "auto",
+             params: ChunkerParams | None = None, pack_target_bytes: int | None = None) -> None:
+        """Create an empty store at ``path`` (a new or empty directory)."""
+        from .packs import PACK_TARGET_BYTES
+
+        if compression_policy not in compression.POLICIES:
+            raise HubfsError(f"unknown compression policy {compression_policy!r}: choose one of "
+                             f"{', '.join(compression.POLICIES)}", 2)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if (path / MARKER).exists():
+                raise HubfsError(f"{path} is already a hubfs store", 2)
+            raise HubfsError(f"{path} exists and is not an empty directory: choose a new path", 2)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in ("index", "packs", "staging"):
+            (path / sub).mkdir(mode=0o700, exist_ok=True)
+        settings = {
+            "format": FORMAT_VERSION,
+            "chunker": (params or ChunkerParams()).to_dict(),
+            "compression": compression_policy,
+            "pack_target_bytes": pack_target_bytes or PACK_TARGET_BYTES,
+        }
+        index = Index(path / "index", create=True)
+        try:
+            with index.write() as txn:
+                txn.meta_put("settings", json.dumps(settings).encode())
+                namespace.init_root(txn, os.getuid(), os.getgid())
+                contents.empty_content(txn)
+        finally:
+            index.close()
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT_VERSION}) + "\n")
+        os.replace(tmp, path / MARKER)
+        log.info("initialised store %s (%s)", path, settings)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.packs.close()
+        self.index.close()
+        self._release_lock()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- transactions
+    @contextmanager
+    def write(self) -> Iterator[Txn]:
+        """A write transaction, opened only after every appended pack byte is durable."""
+        if self.writer is None:
+            raise HubfsError(f"store {self.path} is open read-only", 2)
+        self.writer.sync()
+        with self.index.write() as txn:
+            yield txn
+
+    def read(self) -> Any:
+        return self.index.read()
+
+    # -- reports
+    def stats(self) -> dict[str, Any]:
+        with self.index.read() as txn:
+            files = logical = 0
+            for _ino, inode in txn.inodes():
+                if stat.S_ISREG(inode.mode):
+                    files += 1
+                    logical += inode.size
+            chunks = unique = stored = dead = 0
+            for _cid, entry in txn.chunks():
+                if entry.refcount > 0:
+                    chunks += 1
+                    unique += entry.location.raw_len
+                    stored += entry.location.stored_len
+                else:
+                    dead += entry.location.stored_len
+        pack_bytes = sum(f.stat().st_size for f in (self.path / "packs").glob("*.pack"))
+        stored_bytes = pack_bytes + self.index.disk_bytes()
+        return {
+            "files": files,
+            "logical_bytes": logical,
+            "unique_bytes": unique,
+            "stored_bytes": stored_bytes,
+            "chunk_stored_bytes": stored,
+            "unreferenced_bytes": dead,
+            "pack_bytes": pack_bytes,
+            "index_bytes": self.index.disk_bytes(),
+            "chunks": chunks,
+            "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
+            "compression_ratio": round(unique / stored, 4) if stored else 1.0,
+        }
+
+
+def _check_marker(path: Path) -> None:
+    if not path.is_dir():
+        raise StoreFormatError(f"store {path} does not exist: create one with `hubfs init {path}`",
+                               2)
+    marker = path / MARKER
+    try:
+        info = json.loads(marker.read_text())
+        version = int(info["format"])
+    except FileNotFoundError:
+        raise StoreFormatError(
+            f"{path} is not a hubfs store (no {MARKER} file): create one with "
+            f"`hubfs init NEWDIR`, or name the directory `hubfs init` made", 2) from None
+    except PermissionError:
+        raise StoreFormatError(f"permission denied reading store {path}: run as its owner "
+                               "(stores are private to the user or root who made them)", 2) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreFormatError(f"{marker} is damaged ({exc}): it should read "
+                               f'{{"format": {FORMAT_VERSION}}}', 2) from None
+    if version > FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store {path} has format {version}, newer than this hubfs reads ({FORMAT_VERSION}): "
+            "upgrade hubfs", 2)
+    if version < FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store {path} has the old format {version}; this hubfs reads {FORMAT_VERSION}: "
+            "use an older hubfs to export it, then import into a new store", 2)
+
+
+def _take_lock(path: Path) -> int:
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreBusyError(
+            f"store {path} is in use by another hubfs process (pid {holder}), probably a mount: "
+            "work through the mount, or `hubfs umount` it first", 4) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -1,0 +1,83 @@
+"""Tensor boundaries of a safetensors file, read from its header.
+
+Chunking cuts at these offsets so an identical tensor dedupes whatever the header length or the
+tensor order. Files are recognised by content (an 8-byte length, then a JSON object), since
+cache blobs carry hashes for names. The bytes are untrusted: anything malformed yields ``None`` (plain CDC is used),
+never an exception, and the header size is bounded before it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# The safetensors format caps its JSON header at 100 MB; anything larger is not one.
+MAX_HEADER_BYTES = 100_000_000
+HEADER_LEN = struct.Struct("<Q")
+
+# Element width of the dtypes whose byte planes group well for compression.
+DTYPE_WIDTH = {
+    "F64": 8, "I64": 8, "U64": 8,
+    "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """One tensor's bytes as absolute file offsets, with its element width (0 if unknown)."""
+
+    start: int
+    end: int
+    elem_width: int
+
+
+def parse_layout(buf: memoryview | bytes) -> list[TensorSpan] | None:
+    """Return the header as one span (width 0) followed by every tensor, sorted by offset.
+
+    ``None`` when the bytes are not a well-formed safetensors file.
+    """
+    size = len(buf)
+    # Sniff rather than trust names: Hugging Face blobs are named by hash, not ".safetensors".
+    if size < HEADER_LEN.size + 2 or buf[HEADER_LEN.size] != ord("{"):
+        return None
+    (header_len,) = HEADER_LEN.unpack_from(buf, 0)
+    data_start = HEADER_LEN.size + header_len
+    if header_len == 0 or header_len > MAX_HEADER_BYTES or data_start > size:
+        return None
+    try:
+        header = json.loads(bytes(buf[HEADER_LEN.size : data_start]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        log.debug("safetensors header is not JSON; plain chunking")
+        return None
+    if not isinstance(header, dict):
+        return None
+    spans = [TensorSpan(0, data_start, 0)]
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return None
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(v) is int for v in offsets)
+        ):
+            return None
+        begin, end = offsets
+        if not 0 <= begin <= end or data_start + end > size:
+            return None
+        width = DTYPE_WIDTH.get(entry.get("dtype"), 0) if isinstance(entry.get("dtype"), str) else 0
+        spans.append(TensorSpan(data_start + begin, data_start + end, width))
+    spans[1:] = sorted(spans[1:], key=lambda s: (s.start, s.end))
+    for before, after in zip(spans, spans[1:]):
+        if after.start < before.end:
+            log.debug("safetensors tensors overlap; plain chunking")
+            return None
+    return spans
