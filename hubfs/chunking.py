@@ -10,12 +10,13 @@ other parameters would cut the same bytes differently and silently stop deduplic
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pyfastcdc.cy import FastCDC
 
-from .tensor_layout import TensorSpan, parse_layout
+from .tensor_layout import HEADER_PROBE_BYTES, TensorSpan, parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ class ChunkSpan:
     elem_width: int
 
 
+# Bytes chunked per step when streaming a file: bounds memory whatever the file size.
+WINDOW_BYTES = 64 * 1024 * 1024
+
+
 class Chunker:
-    """Cuts buffers into chunks; one instance per thread (pyfastcdc objects are not shared)."""
+    """Cuts files into chunks; one instance per thread (pyfastcdc objects are not shared)."""
 
     def __init__(self, params: ChunkerParams) -> None:
         if params.algorithm != ChunkerParams.algorithm:
@@ -59,30 +64,51 @@ class Chunker:
 
     def spans(self, buf: memoryview | bytes) -> list[ChunkSpan]:
         """Chunks covering ``buf`` exactly, in order, cut at tensor boundaries where known."""
-        size = len(buf)
+        view = memoryview(buf)
+        return [span for span, _data in self.stream(lambda o, n: view[o : o + n], len(view))]
+
+    def stream(self, read: Callable[[int, int], bytes | memoryview], size: int
+               ) -> Iterator[tuple[ChunkSpan, memoryview]]:
+        """Chunks of a file of ``size`` bytes read through ``read(offset, length)``.
+
+        Each window is cut by CDC and every chunk but the window's last is final: FastCDC's cut
+        points depend only on the bytes since the previous cut, so restarting at a final cut
+        cuts exactly as one pass over the whole file would. A short read ends the file there.
+        """
+        for seg in self._segments(read, size):
+            pos = seg.start
+            while pos < seg.end:
+                end = min(pos + WINDOW_BYTES, seg.end)
+                data = memoryview(read(pos, end - pos))
+                if len(data) < end - pos:
+                    end = pos + len(data)
+                    seg = TensorSpan(seg.start, end, seg.elem_width)
+                if not data:
+                    return
+                cuts = list(self._cdc.cut_buf(data))
+                if end < seg.end and len(cuts) > 1:
+                    cuts.pop()  # runs to the window's edge, not to a real cut point
+                for cut in cuts:
+                    yield (ChunkSpan(pos + cut.offset, cut.length, seg.elem_width),
+                           data[cut.offset : cut.offset + cut.length])
+                pos += sum(cut.length for cut in cuts)
+
+    def _segments(self, read: Callable[[int, int], bytes | memoryview], size: int
+                  ) -> list[TensorSpan]:
         if size == 0:
             return []
-        layout = parse_layout(buf)
-        segments = _segments(layout, size) if layout else [TensorSpan(0, size, 0)]
-        view = memoryview(buf)
-        out: list[ChunkSpan] = []
-        for seg in segments:
-            for chunk in self._cdc.cut_buf(view[seg.start : seg.end]):
-                out.append(ChunkSpan(seg.start + chunk.offset, chunk.length, seg.elem_width))
-        return out
-
-
-def _segments(layout: list[TensorSpan], size: int) -> list[TensorSpan]:
-    """Tile ``[0, size)`` with the layout's spans, filling gaps and the tail as width-0 spans."""
-    segments: list[TensorSpan] = []
-    pos = 0
-    for span in layout:
-        if span.start == span.end:
-            continue
-        if span.start > pos:
-            segments.append(TensorSpan(pos, span.start, 0))
-        segments.append(span)
-        pos = span.end
-    if pos < size:
-        segments.append(TensorSpan(pos, size, 0))
-    return segments
+        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read)
+        if not layout:
+            return [TensorSpan(0, size, 0)]
+        segments: list[TensorSpan] = []
+        pos = 0
+        for span in layout:
+            if span.start == span.end:
+                continue
+            if span.start > pos:
+                segments.append(TensorSpan(pos, span.start, 0))
+            segments.append(span)
+            pos = span.end
+        if pos < size:
+            segments.append(TensorSpan(pos, size, 0))
+        return segments

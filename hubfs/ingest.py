@@ -10,7 +10,6 @@ same bytes in this process reuses them instead of writing them again.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from collections.abc import Callable
 import blake3
 
 from . import compression
-from .chunking import Chunker, ChunkerParams
+from .chunking import Chunker, ChunkerParams, ChunkSpan
 from .contents import EMPTY, PreparedContent, content_id
 from .index import ContentTable, Index
 from .packs import ChunkLocation, PackWriter
@@ -50,50 +49,63 @@ class Ingestor:
 
     def prepare(self, buf: memoryview | bytes,
                 progress: Callable[[int], None] | None = None) -> PreparedContent:
-        """Chunk ``buf`` and append the chunks the store lacks; the index is not changed."""
-        if len(buf) == 0:
-            return EMPTY
+        """``prepare_stream`` over bytes already in memory."""
         view = memoryview(buf)
-        spans = self._chunker().spans(view)
-        ids = [blake3.blake3(view[s.offset : s.offset + s.length]).digest() for s in spans]
-        new: dict[bytes, ChunkLocation] = {}
-        new_bytes = 0
-        for first in range(0, len(spans), LOOKUP_BATCH):
-            batch = range(first, min(first + LOOKUP_BATCH, len(spans)))
-            with self.index.read() as txn:
-                missing = [i for i in batch if ids[i] not in new and txn.chunk(ids[i]) is None]
-            for i in missing:
-                chunk_id, span = ids[i], spans[i]
-                if chunk_id in new:
-                    continue
-                with self._pending_lock:
-                    loc = self._pending.get(chunk_id)
-                if loc is None:
-                    data = view[span.offset : span.offset + span.length]
-                    codec, stored = compression.choose(data, span.elem_width, self.policy)
-                    loc = self.writer.append(chunk_id, codec, span.length, stored)
-                    new_bytes += loc.stored_len
-                    with self._pending_lock:
-                        self._pending[chunk_id] = loc
-                new[chunk_id] = loc
-            if progress:
-                progress(sum(spans[i].length for i in batch))
-        table = ContentTable(len(view), tuple(ids), tuple(s.length for s in spans))
-        return PreparedContent(content_id(len(view), ids), table, new, new_bytes)
+        return self.prepare_stream(lambda o, n: view[o : o + n], len(view), progress)
 
     def prepare_fd(self, fd: int, progress: Callable[[int], None] | None = None
                    ) -> PreparedContent:
-        """``prepare`` the whole of an open file, mapped rather than copied into memory."""
-        size = os.fstat(fd).st_size
-        if size == 0:
+        """``prepare_stream`` over an open file, read with ``pread`` (a file that shrinks
+        meanwhile ends early instead of faulting, as a mapping would)."""
+        return self.prepare_stream(lambda o, n: os.pread(fd, n, o), os.fstat(fd).st_size,
+                                   progress)
+
+    def prepare_stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
+                       progress: Callable[[int], None] | None = None) -> PreparedContent:
+        """Chunk a file and append the chunks the store lacks; the index is not changed."""
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        new: dict[bytes, ChunkLocation] = {}
+        counts = [0]  # new stored bytes
+        batch: list[tuple[bytes, ChunkSpan, memoryview]] = []
+        for span, data in self._chunker().stream(read, size):
+            chunk_id = blake3.blake3(data).digest()
+            ids.append(chunk_id)
+            lengths.append(span.length)
+            batch.append((chunk_id, span, data))
+            if len(batch) >= LOOKUP_BATCH:
+                self._store_missing(batch, new, counts, progress)
+                batch = []
+        self._store_missing(batch, new, counts, progress)
+        total = sum(lengths)
+        if total == 0:
             return EMPTY
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mapped)
-            try:
-                return self.prepare(view, progress)
-            finally:
-                view.release()
+        table = ContentTable(total, tuple(ids), tuple(lengths))
+        return PreparedContent(content_id(total, ids), table, new, counts[0])
+
+    def _store_missing(self, batch: list[tuple[bytes, ChunkSpan, memoryview]],
+                       new: dict[bytes, ChunkLocation], counts: list[int],
+                       progress: Callable[[int], None] | None) -> None:
+        """Append the chunks of ``batch`` that neither the index nor this process has."""
+        if not batch:
+            return
+        with self.index.read() as txn:
+            missing = [item for item in batch
+                       if item[0] not in new and txn.chunk(item[0]) is None]
+        for chunk_id, span, data in missing:
+            if chunk_id in new:
+                continue
+            with self._pending_lock:
+                loc = self._pending.get(chunk_id)
+            if loc is None:
+                codec, stored = compression.choose(data, span.elem_width, self.policy)
+                loc = self.writer.append(chunk_id, codec, span.length, stored)
+                counts[0] += loc.stored_len
+                with self._pending_lock:
+                    self._pending[chunk_id] = loc
+            new[chunk_id] = loc
+        if progress:
+            progress(sum(item[1].length for item in batch))
 
     def committed(self, prepared: PreparedContent) -> None:
         """Forget pending chunks once the index holds them."""

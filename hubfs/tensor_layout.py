@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 # The safetensors format caps its JSON header at 100 MB; anything larger is not one.
 MAX_HEADER_BYTES = 100_000_000
 HEADER_LEN = struct.Struct("<Q")
+# Read first when sniffing a file: enough for the header of most checkpoints in one read.
+HEADER_PROBE_BYTES = 1024 * 1024
 
 # Element width of the dtypes whose byte planes group well for compression.
 DTYPE_WIDTH = {
@@ -37,21 +40,31 @@ class TensorSpan:
     elem_width: int
 
 
-def parse_layout(buf: memoryview | bytes) -> list[TensorSpan] | None:
+def parse_layout(head: memoryview | bytes, size: int | None = None,
+                 read: Callable[[int, int], bytes | memoryview] | None = None
+                 ) -> list[TensorSpan] | None:
     """Return the header as one span (width 0) followed by every tensor, sorted by offset.
 
-    ``None`` when the bytes are not a well-formed safetensors file.
+    ``head`` is the start of a file of ``size`` bytes (default: ``head`` is the whole file);
+    ``read(offset, length)`` fetches a header longer than ``head``. ``None`` when the bytes are
+    not a well-formed safetensors file.
     """
-    size = len(buf)
+    size = len(head) if size is None else size
     # Sniff rather than trust names: Hugging Face blobs are named by hash, not ".safetensors".
-    if size < HEADER_LEN.size + 2 or buf[HEADER_LEN.size] != ord("{"):
+    if len(head) < HEADER_LEN.size + 2 or head[HEADER_LEN.size] != ord("{"):
         return None
-    (header_len,) = HEADER_LEN.unpack_from(buf, 0)
+    (header_len,) = HEADER_LEN.unpack_from(head, 0)
     data_start = HEADER_LEN.size + header_len
     if header_len == 0 or header_len > MAX_HEADER_BYTES or data_start > size:
         return None
+    if data_start <= len(head):
+        text = bytes(head[HEADER_LEN.size : data_start])
+    elif read is not None:
+        text = bytes(read(HEADER_LEN.size, header_len))
+    else:
+        return None
     try:
-        header = json.loads(bytes(buf[HEADER_LEN.size : data_start]))
+        header = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError):
         log.debug("safetensors header is not JSON; plain chunking")
         return None
