@@ -135,6 +135,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
+    mount(args.store, args.mountpoint, foreground=args.foreground,
+          allow_other=args.allow_other, options=args.o)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import umount
+
+    umount(args.mountpoint)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .mount import env_lines
+
+    print("\n".join(env_lines(args.mountpoint)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubfs", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -176,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every byte and the whole index")
     p.add_argument("store", type=Path)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("mount", help="mount the store (returns once mounted)")
+    p.add_argument("store", type=Path)
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="serve in this process, logging to stderr")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users in (permissions are still enforced)")
+    p.add_argument("-o", action="append", default=[], help="extra FUSE mount options")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="store everything, unmount, wait for the daemon")
+    p.add_argument("mountpoint", type=Path)
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("env", help="print the exports that put the ML caches in a mount")
+    p.add_argument("mountpoint", type=Path)
+    p.set_defaults(func=cmd_env)
     return parser
 
 

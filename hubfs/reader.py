@@ -107,6 +107,17 @@ class ContentReader:
         self._tables.clear()
 
     def read(self, content_id: bytes, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a content (fewer at its end)."""
+        data = self._read(content_id, offset, size, decode=True)
+        assert data is not None
+        return data
+
+    def read_without_decoding(self, content_id: bytes, offset: int, size: int) -> bytes | None:
+        """Like ``read``, but ``None`` where a compressed chunk is not decoded yet: the FUSE
+        layer then retries in a worker thread, keeping slow work off its event loop."""
+        return self._read(content_id, offset, size, decode=False)
+
+    def _read(self, content_id: bytes, offset: int, size: int, decode: bool) -> bytes | None:
         table = self.table(content_id)
         end = min(offset + size, table.size)
         if offset >= end:
@@ -118,6 +129,9 @@ class ContentReader:
             start = table.starts[i]
             loc = table.locations[i]
             lo, hi = pos - start, min(end - start, loc.raw_len)
+            if not decode and loc.codec != Codec.RAW and self._decoded.get(
+                    table.chunk_ids[i]) is None:
+                return None
             pieces.append(self.chunk_range(table.chunk_ids[i], loc, lo, hi))
             pos = start + hi
             i += 1

@@ -1,0 +1,281 @@
+"""The pyfuse3 adapter: FUSE requests in, ``vfs.FileSystem`` calls out, errors translated.
+
+Nothing here decides anything about storage. Each handler runs the model's method inline when
+it is quick (metadata, raw chunk reads, writes into staging) and in a worker thread when it can
+take long (decoding a chunk, copying content into staging, ingesting a file). No handler lets an
+exception escape, since that would end the mount: POSIX errors pass through, damaged data
+becomes EIO (logged once per file), anything unexpected is logged and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from . import namespace
+from .errors import FsError, IntegrityError, StoreFullError
+from .vfs import Attributes, FileSystem
+
+log = logging.getLogger(__name__)
+
+# Every change goes through this mount, so the kernel's caches cannot go stale behind it.
+ENTRY_TIMEOUT_S = 300.0
+ATTR_TIMEOUT_S = 300.0
+BLKSIZE_BYTES = 128 * 1024
+WORKER_THREADS = 4
+
+T = TypeVar("T")
+
+
+def request(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Translate whatever a handler raises into a FUSE error reply."""
+
+    @functools.wraps(func)
+    async def handler(self: Operations, *args: Any) -> T:
+        try:
+            return await func(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except IntegrityError as exc:
+            self.report_damage(func.__name__, args, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except StoreFullError as exc:
+            log.error("%s: %s", func.__name__, exc.message)
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("%s: the disk holding the store is full", func.__name__)
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            log.exception("%s%r failed", func.__name__, args)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", func.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+def entry(attrs: Attributes) -> pyfuse3.EntryAttributes:
+    inode = attrs.inode
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = attrs.ino
+    out.generation = 0
+    out.entry_timeout = ENTRY_TIMEOUT_S
+    out.attr_timeout = ATTR_TIMEOUT_S
+    out.st_mode = inode.mode
+    out.st_nlink = inode.nlink
+    out.st_uid = inode.uid
+    out.st_gid = inode.gid
+    out.st_rdev = inode.rdev
+    out.st_size = attrs.size
+    out.st_blksize = BLKSIZE_BYTES
+    out.st_blocks = -(-attrs.size // 512)
+    out.st_atime_ns = inode.atime_ns
+    out.st_mtime_ns = attrs.mtime_ns
+    out.st_ctime_ns = inode.ctime_ns
+    return out
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.limiter = trio.CapacityLimiter(WORKER_THREADS)
+        self._reported: set[int] = set()
+
+    async def _thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
+
+    def report_damage(self, op: str, args: tuple[Any, ...], exc: IntegrityError) -> None:
+        ino = args[0] if args and isinstance(args[0], int) else 0
+        if op in ("read", "write", "fsync", "release"):
+            ino = self.fs.handle(args[0]).ino if args[0] in self.fs._handles else 0
+        if ino in self._reported:
+            return
+        self._reported.add(ino)
+        with self.fs.store.read() as txn:
+            names = namespace.paths(txn).get(ino, [b"<unknown>"])
+        log.error("damaged data in %s (inode %d): %s", os.fsdecode(names[0]), ino, exc.message)
+
+    # -- names and attributes
+    @request
+    async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.lookup(parent, name))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        try:
+            self.fs.forget(inode_list)
+        except Exception:
+            log.exception("forget %r failed", inode_list)
+
+    @request
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.attributes(inode))
+
+    @request
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        kwargs: dict[str, int] = {}
+        if fields.update_mode:
+            kwargs["mode"] = attr.st_mode
+        if fields.update_uid:
+            kwargs["uid"] = attr.st_uid
+        if fields.update_gid:
+            kwargs["gid"] = attr.st_gid
+        if fields.update_atime:
+            kwargs["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kwargs["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            kwargs["size"] = attr.st_size
+            return entry(await self._thread(functools.partial(self.fs.setattr, inode, **kwargs)))
+        return entry(self.fs.setattr(inode, **kwargs))
+
+    @request
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return self.fs.readlink(inode)
+
+    @request
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev))
+
+    @request
+    async def mkdir(self, parent: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid,
+                                  ctx.gid))
+
+    @request
+    async def symlink(self, parent: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.make(parent, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
+                                  target=target))
+
+    @request
+    async def link(self, inode: int, new_parent: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry(self.fs.link(inode, new_parent, new_name))
+
+    @request
+    async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
+        self.fs.unlink(parent, name)
+
+    @request
+    async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
+        self.fs.rmdir(parent, name)
+
+    @request
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int, ctx: Any) -> None:
+        self.fs.rename(parent_old, name_old, parent_new, name_new, flags)
+
+    # -- directories
+    @request
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if not stat.S_ISDIR(self.fs.attributes(inode).inode.mode):
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    @request
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for seq, name, attrs in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry(attrs), seq):
+                break
+            self.fs.count_lookup(attrs.ino)
+
+    @request
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @request
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # -- files
+    @request
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attrs = self.fs.create(parent, name, mode, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT)), entry(attrs)
+
+    @request
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            fh, keep = await self._thread(self.fs.open, inode, flags)
+        else:
+            fh, keep = self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=bool(flags & os.O_DIRECT))
+
+    @request
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = self.fs.read(fh, off, size, decode=False)
+        if data is None:
+            data = await self._thread(self.fs.read, fh, off, size, True)
+        return data  # type: ignore[return-value]
+
+    @request
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.fs.needs_copy(fh):
+            await self._thread(self.fs.prepare_write, fh)
+        return self.fs.write(fh, off, buf)
+
+    @request
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @request
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._thread(self.fs.fsync, fh)
+
+    @request
+    async def release(self, fh: int) -> None:
+        ino = self.fs.release(fh)
+        if ino is not None:
+            await self._thread(self.fs.commit, ino)
+
+    # -- extended attributes
+    @request
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.fs.setxattr(inode, name, value)
+
+    @request
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @request
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @request
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self.fs.removexattr(inode, name)
+
+    @request
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        host = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = host.f_bsize
+        out.f_frsize = host.f_frsize
+        out.f_blocks = host.f_blocks
+        out.f_bfree = host.f_bfree
+        out.f_bavail = host.f_bavail
+        out.f_files = host.f_files
+        out.f_ffree = host.f_ffree
+        out.f_favail = host.f_favail
+        out.f_namemax = namespace.NAME_MAX_BYTES
+        return out

@@ -1,0 +1,274 @@
+"""The mount daemon's life: start (in the background by default), serve, stop cleanly.
+
+``mount`` returns once the filesystem is mounted, like sshfs: the parent waits on a pipe for the
+daemon's word that ``pyfuse3.init`` succeeded, or for its error message. The daemon never
+touches its own mount point (it would deadlock); facts about the mount come from
+``/proc/self/mountinfo``. On SIGTERM, SIGINT or an external unmount it stops serving, ingests
+every file still being written, and closes the store, so nothing written is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import HubfsError
+from .fs import Operations
+from .store import Store
+from .vfs import FileSystem
+
+log = logging.getLogger(__name__)
+
+FS_TYPE = "fuse.hubfs"
+LOG_NAME = "hubfs.log"
+# FUSE's default 128 KiB readahead keeps requests small; larger windows let the kernel ask for
+# more at once and overlap the packs' disk reads with serving.
+READ_AHEAD_KB = 4096
+UMOUNT_WAIT_S = 600.0
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: Path
+    source: str
+    device: str  # "major:minor"
+
+
+def mounts() -> list[MountInfo]:
+    """hubfs mounts of this machine, read from the kernel's table (never from the mounts)."""
+    out = []
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if rfields and rfields[0] == FS_TYPE:
+                point = fields[4].encode().decode("unicode_escape")
+                out.append(MountInfo(Path(point), rfields[1].encode().decode("unicode_escape"),
+                                     fields[2]))
+    return out
+
+
+def find_mount(mountpoint: Path) -> MountInfo | None:
+    target = Path(os.path.abspath(mountpoint))
+    for info in mounts():
+        if info.mountpoint == target:
+            return info
+    return None
+
+
+def check_mountpoint(store: Path, mountpoint: Path) -> None:
+    point = Path(os.path.abspath(mountpoint))
+    if find_mount(point) is not None:
+        try:
+            os.stat(point)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise HubfsError(
+                    f"{point} is a stale hubfs mount (its daemon is gone): clear it with "
+                    f"`hubfs umount {point}`, then mount again", 5) from None
+        raise HubfsError(f"{point} is already a hubfs mount: `hubfs umount {point}` first", 5)
+    if not point.is_dir():
+        raise HubfsError(f"mount point {point} is not a directory: create it with "
+                         f"`mkdir -p {point}`", 2)
+    real_store = store.resolve()
+    if real_store == point.resolve() or point.resolve() in real_store.parents:
+        raise HubfsError(f"the store {store} lies inside the mount point {point}: keep the store "
+                         "outside (e.g. /var/lib/hubfs), the daemon must never read through "
+                         "its own mount", 2)
+
+
+def fuse_options(store: Path, allow_other: bool, extra: list[str]) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {f"fsname={store.resolve()}", "subtype=hubfs"}
+    if allow_other:
+        options.add("allow_other")
+    for item in extra:
+        options.update(o for o in item.split(",") if o)
+    return options
+
+
+def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_other: bool = False,
+          options: list[str] | None = None) -> None:
+    check_mountpoint(store, mountpoint)
+    opts = fuse_options(store, allow_other, options or [])
+    if foreground:
+        serve(store, mountpoint, opts, ready=lambda msg: None)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        code = 0
+        try:
+            _detach(store)
+
+            def ready(message: str) -> None:
+                os.write(write_end, message.encode())
+                os.close(write_end)
+
+            serve(store, mountpoint, opts, ready)
+        except BaseException:
+            log.exception("hubfs daemon failed")
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    if message != "ok":
+        os.waitpid(pid, 0)
+        raise HubfsError(message or f"the hubfs daemon died while mounting; see {store / LOG_NAME}",
+                         5)
+
+
+def _detach(store: Path) -> None:
+    """Send the daemon's output to the store's log file; stdio to /dev/null."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(store / LOG_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: "
+                                           "%(message)s"))
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+
+
+def serve(store_path: Path, mountpoint: Path, options: set[str],
+          ready: Callable[[str], None]) -> None:
+    """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
+    try:
+        store = Store(store_path)
+    except HubfsError as exc:
+        ready(exc.message)
+        return
+    try:
+        fs = FileSystem(store)
+        fs.recover()
+        ops = Operations(fs)
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as exc:
+            ready(f"cannot mount {mountpoint}: {exc}; check that /dev/fuse exists, that fuse3 "
+                  "is installed (apt-get install fuse3), and for --allow-other as a normal user "
+                  "that /etc/fuse.conf has user_allow_other")
+            return
+        log.info("mounted %s at %s (options %s)", store_path, mountpoint, sorted(options))
+        _raise_readahead(mountpoint)
+        ready("ok")
+        try:
+            trio.run(_serve_until_stopped)
+        finally:
+            pyfuse3.close(unmount=True)
+            fs.flush_all()
+            log.info("unmounted %s", mountpoint)
+    finally:
+        store.close()
+
+
+async def _serve_until_stopped() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _raise_readahead(mountpoint: Path) -> None:
+    info = find_mount(mountpoint)
+    if info is None:
+        return
+    path = Path("/sys/class/bdi") / info.device / "read_ahead_kb"
+    try:
+        path.write_text(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.info("cannot raise readahead via %s (%s); reads keep the kernel default", path, exc)
+
+
+def umount(mountpoint: Path, timeout_s: float = UMOUNT_WAIT_S) -> None:
+    """Unmount, then wait until the daemon has stored everything and exited."""
+    info = find_mount(mountpoint)
+    if info is None:
+        raise HubfsError(f"{mountpoint} is not a hubfs mount (see `mount -t fuse.hubfs`)", 2)
+    pid = _daemon_pid(Path(info.source))
+    result = subprocess.run(["fusermount3", "-u", str(info.mountpoint)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip()
+        if "busy" in detail.lower():
+            raise HubfsError(f"{mountpoint} is busy: files or working directories under it are "
+                             f"still in use (see `fuser -vm {mountpoint}`); close them and retry",
+                             5)
+        raise HubfsError(f"cannot unmount {mountpoint}: {detail}", 5)
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise HubfsError(f"the hubfs daemon (pid {pid}) is still storing files after "
+                             f"{timeout_s:.0f}s; it keeps going, see {info.source}/{LOG_NAME}", 5)
+        time.sleep(0.05)
+
+
+def _daemon_pid(store: Path) -> int | None:
+    try:
+        return int((store / "lock").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a child of ours (foreground tests) that exited is a zombie until reaped
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return _status(pid) != "Z"
+
+
+def _status(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"
+
+
+def env_lines(mountpoint: Path) -> list[str]:
+    """Shell exports that point the ML libraries' caches into the mount."""
+    root = Path(os.path.abspath(mountpoint))
+    return [
+        f"export XDG_CACHE_HOME={root}",
+        f"export HF_HOME={root / 'huggingface'}",
+        f"export TORCH_HOME={root / 'torch'}",
+        # TF Hub ignores XDG and defaults to a temp dir.
+        f"export TFHUB_CACHE_DIR={root / 'tfhub_modules'}",
+    ]
+

@@ -1,0 +1,535 @@
+"""The mounted filesystem's model: open files, staging, lookup counts, over one store.
+
+Everything a FUSE request needs, as plain synchronous methods, so it is tested without a mount
+and ``fs.py`` only translates. Concurrency: metadata requests run on the trio thread; the slow
+parts (decoding chunks, ingesting a written file, copying content into staging) run in worker
+threads and touch shared state only under ``_lock``. Index write transactions are opened and
+committed inside one call, never across an ``await``.
+
+Write path: the first write to a file copies nothing until needed; new files and truncated files
+start empty in ``STORE/staging/<ino>``, while a write into existing content first copies that
+content there. Reads of a file with staging read the staging file. When the last writer
+releases the file, the staging file is ingested and the inode switched to the new content in
+one transaction. ``fsync`` makes the staging file durable; ``recover`` ingests staging files a
+crash left behind at the next mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import contents, namespace
+from .contents import PreparedContent
+from .errors import FsError
+from .index import ROOT_INO, Inode
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+XATTR_VALUE_MAX_BYTES = 64 * 1024
+COPY_BYTES = 4 * 1024 * 1024
+BLOCK_BYTES = 512
+
+
+@dataclass
+class Staging:
+    """A file's bytes while it is being written."""
+
+    path: Path
+    fd: int
+    size: int
+    mtime_ns: int
+    generation: int = 0  # bumped by every change, so a commit can tell it raced a write
+    durable: bool = False
+
+
+@dataclass
+class InodeState:
+    """What the filesystem knows of an inode beyond the index."""
+
+    lookups: int = 0
+    handles: int = 0
+    writers: int = 0
+    staging: Staging | None = None
+    kernel_content: bytes | None = None  # content the kernel may hold in its page cache
+    committing: bool = False
+
+
+@dataclass
+class Handle:
+    ino: int
+    writable: bool
+    content_id: bytes = b""
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """An inode's attributes as the kernel should see them (staging overlaid)."""
+
+    ino: int
+    inode: Inode
+    size: int
+    mtime_ns: int
+
+
+class FileSystem:
+    def __init__(self, store: Store) -> None:
+        if store.ingestor is None:
+            raise ValueError("the filesystem needs a writable store")
+        self.store = store
+        self.ingestor = store.ingestor
+        self.staging_dir = store.path / "staging"
+        self._states: dict[int, InodeState] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._lock = threading.RLock()
+
+    # -- state bookkeeping
+    def _state(self, ino: int) -> InodeState:
+        state = self._states.get(ino)
+        if state is None:
+            state = self._states[ino] = InodeState()
+        return state
+
+    def _drop_state_if_idle(self, ino: int) -> None:
+        state = self._states.get(ino)
+        if state and not (state.lookups or state.handles or state.staging or state.committing):
+            del self._states[ino]
+
+    def attributes(self, ino: int) -> Attributes:
+        with self.store.read() as txn:
+            inode = namespace.get(txn, ino)
+        return self._overlay(ino, inode)
+
+    def _overlay(self, ino: int, inode: Inode) -> Attributes:
+        state = self._states.get(ino)
+        staging = state.staging if state else None
+        if staging is not None:
+            return Attributes(ino, inode, staging.size, staging.mtime_ns)
+        return Attributes(ino, inode, inode.size, inode.mtime_ns)
+
+    def _counted(self, ino: int) -> Attributes:
+        """Attributes of an inode the kernel now holds one more lookup reference to."""
+        attrs = self.attributes(ino)
+        with self._lock:
+            self._state(ino).lookups += 1
+        return attrs
+
+    # -- names
+    def lookup(self, parent: int, name: bytes) -> Attributes:
+        with self.store.read() as txn:
+            ino = namespace.lookup(txn, parent, name)
+        return self._counted(ino)
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, count in items:
+            with self._lock:
+                state = self._states.get(ino)
+                if state is None:
+                    continue
+                state.lookups = max(0, state.lookups - count)
+            self._remove_if_unused(ino)
+
+    def readdir(self, ino: int, after: int) -> list[tuple[int, bytes, Attributes]]:
+        """Entries after offset ``after``; the caller reports each and calls ``counted``."""
+        with self.store.read() as txn:
+            rows = [(seq, name, self._overlay(child, namespace.get(txn, child)))
+                    for seq, name, child in namespace.readdir(txn, ino, after)]
+        return rows
+
+    def count_lookup(self, ino: int) -> None:
+        with self._lock:
+            self._state(ino).lookups += 1
+
+    def _new_owner(self, parent: Inode, uid: int, gid: int, mode: int) -> tuple[int, int]:
+        """Owner group and mode for a new inode: setgid directories hand down their group."""
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return gid, mode
+
+    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+             target: bytes = b"") -> Attributes:
+        """mkdir, mknod, symlink: a new inode of any type but an open regular file."""
+        with self.store.write() as txn:
+            gid, mode = self._new_owner(namespace.get_dir(txn, parent), uid, gid, mode)
+            ino = namespace.create(txn, parent, name, mode, uid, gid, rdev=rdev, target=target)
+        return self._counted(ino)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Attributes:
+        with self.store.write() as txn:
+            namespace.link(txn, ino, parent, name)
+        return self._counted(ino)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self.store.write() as txn:
+            ino, _inode = namespace.unlink(txn, parent, name)
+        self._remove_if_unused(ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        with self.store.write() as txn:
+            ino = namespace.rmdir(txn, parent, name)
+        self._remove_if_unused(ino)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int) -> None:
+        with self.store.write() as txn:
+            replaced = namespace.rename(txn, old_parent, old_name, new_parent, new_name, flags)
+        if replaced is not None:
+            self._remove_if_unused(replaced)
+
+    def readlink(self, ino: int) -> bytes:
+        with self.store.read() as txn:
+            inode = namespace.get(txn, ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return inode.target
+
+    def _remove_if_unused(self, ino: int) -> None:
+        """Drop an inode with no names once the kernel and every open file are done with it."""
+        with self._lock:
+            state = self._states.get(ino)
+            if state and (state.lookups or state.handles or state.committing):
+                return
+            staging = state.staging if state else None
+            if state:
+                state.staging = None
+            self._states.pop(ino, None)
+        with self.store.write() as txn:
+            inode = txn.inode(ino)
+            if inode is None or inode.nlink > 0 or ino == ROOT_INO:
+                return
+            namespace.remove_inode(txn, ino)
+        if staging is not None:
+            _discard_staging(staging)
+
+    # -- attributes
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None) -> Attributes:
+        if size is not None:
+            self.truncate(ino, size)
+        now = namespace.now_ns()
+        with self.store.write() as txn:
+            inode = namespace.get(txn, ino)
+            changes: dict[str, int] = {"ctime_ns": now}
+            if mode is not None:
+                changes["mode"] = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                changes["uid"] = uid
+            if gid is not None:
+                changes["gid"] = gid
+            if atime_ns is not None:
+                changes["atime_ns"] = atime_ns
+            if mtime_ns is not None:
+                changes["mtime_ns"] = mtime_ns
+            inode = inode.with_(**changes)
+            txn.put_inode(ino, inode)
+        if mtime_ns is not None:
+            with self._lock:
+                state = self._states.get(ino)
+                if state and state.staging:
+                    state.staging.mtime_ns = mtime_ns
+        return self._overlay(ino, inode)
+
+    def truncate(self, ino: int, size: int) -> None:
+        with self.store.read() as txn:
+            inode = namespace.get(txn, ino)
+        if stat.S_ISDIR(inode.mode):
+            raise FsError(errno.EISDIR)
+        if not stat.S_ISREG(inode.mode):
+            raise FsError(errno.EINVAL)
+        staging = self._staging_for_write(ino, inode, keep=size > 0)
+        with self._lock:
+            os.ftruncate(staging.fd, size)
+            staging.size = size
+            staging.mtime_ns = namespace.now_ns()
+            staging.generation += 1
+            idle = self._state(ino).writers == 0
+        if idle:  # truncate(2) by path: nobody will release this file, so commit now
+            self.commit(ino)
+
+    # -- xattrs
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if len(value) > XATTR_VALUE_MAX_BYTES:
+            raise FsError(errno.E2BIG)
+        with self.store.write() as txn:
+            inode = namespace.get(txn, ino)
+            txn.put_xattr(ino, name, value)
+            txn.put_inode(ino, inode.with_(ctime_ns=namespace.now_ns()))
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self.store.read() as txn:
+            namespace.get(txn, ino)
+            value = txn.xattr(ino, name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.store.read() as txn:
+            namespace.get(txn, ino)
+            return txn.xattr_names(ino)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        with self.store.write() as txn:
+            if not txn.delete_xattr(ino, name):
+                raise FsError(errno.ENODATA)
+
+    # -- open files
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int
+               ) -> tuple[int, Attributes]:
+        with self.store.write() as txn:
+            gid, mode = self._new_owner(namespace.get_dir(txn, parent), uid, gid, mode)
+            ino = namespace.create(txn, parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+            inode = namespace.get(txn, ino)
+        with self._lock:
+            state = self._state(ino)
+            state.lookups += 1
+        fh = self._open_handle(ino, inode, writable=True)
+        self._staging_for_write(ino, inode, keep=False)
+        return fh, self.attributes(ino)
+
+    def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Returns (handle, keep_cache): the kernel may keep its cached pages when the content
+        is the one it cached before."""
+        with self.store.read() as txn:
+            inode = namespace.get(txn, ino)
+        if stat.S_ISDIR(inode.mode):
+            raise FsError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        fh = self._open_handle(ino, inode, writable)
+        if flags & os.O_TRUNC and writable:
+            self._staging_for_write(ino, inode, keep=False)
+        with self._lock:
+            state = self._state(ino)
+            keep = state.staging is None and state.kernel_content == inode.content_id
+            if state.staging is None:
+                state.kernel_content = inode.content_id
+        return fh, keep
+
+    def _open_handle(self, ino: int, inode: Inode, writable: bool) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = Handle(ino, writable, inode.content_id)
+            state = self._state(ino)
+            state.handles += 1
+            state.writers += int(writable)
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def needs_copy(self, fh: int) -> bool:
+        """Whether the next write must first copy the stored content into staging (slow)."""
+        state = self._states.get(self.handle(fh).ino)
+        return state is None or state.staging is None
+
+    def prepare_write(self, fh: int) -> None:
+        """Make sure the file has staging (copying its content, so run it in a thread)."""
+        ino = self.handle(fh).ino
+        with self.store.read() as txn:
+            inode = namespace.get(txn, ino)
+        self._staging_for_write(ino, inode, keep=True)
+
+    def _staging_for_write(self, ino: int, inode: Inode, keep: bool) -> Staging:
+        with self._lock:
+            state = self._state(ino)
+            if state.staging is not None:
+                return state.staging
+        path = self.staging_dir / f"{ino:016x}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        size = 0
+        try:
+            if keep and inode.size:
+                size = self._copy_content(inode.content_id, inode.size, fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        staging = Staging(path, fd, size, inode.mtime_ns)
+        with self._lock:
+            if state.staging is not None:  # another thread won the race
+                _discard_staging(staging)
+                return state.staging
+            state.staging = staging
+        return staging
+
+    def _copy_content(self, content_id: bytes, size: int, fd: int) -> int:
+        for offset in range(0, size, COPY_BYTES):
+            data = self.store.reader.read(content_id, offset, COPY_BYTES)
+            os.pwrite(fd, data, offset)
+        return size
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.handle(fh)
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        state = self._states[handle.ino]
+        staging = state.staging
+        if staging is None:
+            raise FsError(errno.EIO, "write before prepare_write")
+        written = os.pwrite(staging.fd, data, offset)
+        with self._lock:
+            staging.size = max(staging.size, offset + written)
+            staging.mtime_ns = namespace.now_ns()
+            staging.generation += 1
+        return written
+
+    def read(self, fh: int, offset: int, size: int, decode: bool = True) -> bytes | None:
+        """Bytes of an open file; ``None`` when ``decode`` is False and a chunk needs
+        decoding (the caller then retries in a worker thread)."""
+        handle = self.handle(fh)
+        state = self._states.get(handle.ino)
+        staging = state.staging if state else None
+        if staging is not None:
+            return os.pread(staging.fd, size, offset)
+        with self._lock:
+            content_id = self._current_content(handle)
+        if decode:
+            return self.store.reader.read(content_id, offset, size)
+        return self.store.reader.read_without_decoding(content_id, offset, size)
+
+    def _current_content(self, handle: Handle) -> bytes:
+        state = self._states.get(handle.ino)
+        if state is not None and state.kernel_content:
+            handle.content_id = state.kernel_content
+        return handle.content_id
+
+    def fsync(self, fh: int) -> None:
+        """Make written data durable: the staging file and its name (``recover`` finds it)."""
+        state = self._states.get(self.handle(fh).ino)
+        staging = state.staging if state else None
+        if staging is None:
+            return
+        os.fsync(staging.fd)
+        if not staging.durable:
+            _fsync_dir(self.staging_dir)
+            staging.durable = True
+
+    def release(self, fh: int) -> int | None:
+        """Close a handle; returns the inode when it now needs ``commit`` (run in a thread)."""
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+            if handle is None:
+                return None
+            state = self._state(handle.ino)
+            state.handles -= 1
+            state.writers -= int(handle.writable)
+            needs_commit = state.writers == 0 and state.staging is not None
+        if not needs_commit:
+            self._remove_if_unused(handle.ino)
+            return None
+        return handle.ino
+
+    def commit(self, ino: int) -> None:
+        """Ingest a file's staging and switch the inode to the result in one transaction."""
+        with self._lock:
+            state = self._states.get(ino)
+            if state is None or state.staging is None or state.committing:
+                return
+            state.committing = True
+            staging = state.staging
+            generation = staging.generation
+            mtime_ns = staging.mtime_ns
+        prepared: PreparedContent | None = None
+        try:
+            with self.store.read() as txn:
+                alive = (txn.inode(ino) or Inode(0, 0, 0, nlink=0)).nlink > 0
+            if alive:
+                prepared = self.ingestor.prepare_fd(staging.fd)
+                with self.store.write() as txn:
+                    contents.register(txn, prepared)
+                    inode = namespace.set_content(txn, ino, prepared.content_id,
+                                                  prepared.table.size)
+                    txn.put_inode(ino, inode.with_(mtime_ns=mtime_ns))
+                self.ingestor.committed(prepared)
+        finally:
+            with self._lock:
+                state.committing = False
+                done = state.staging is staging and staging.generation == generation
+                if done and state.writers == 0:
+                    state.staging = None
+                    state.kernel_content = prepared.content_id if prepared else None
+                else:
+                    done = False
+        if done:
+            _discard_staging(staging)
+        log.debug("committed inode %d (%s)", ino, "done" if done else "staging kept")
+        if not alive:
+            self._remove_if_unused(ino)
+
+    def flush_all(self) -> None:
+        """Commit every file that still has staging (at unmount), after commits in flight."""
+        while any(s.committing for s in list(self._states.values())):
+            time.sleep(0.02)
+        for ino in [i for i, s in list(self._states.items()) if s.staging is not None]:
+            try:
+                self.commit(ino)
+            except Exception:
+                log.exception("could not store inode %d at unmount; its staging file is kept "
+                              "and will be recovered at the next mount", ino)
+
+    # -- mount-time recovery
+    def recover(self) -> None:
+        """Ingest staging files a crash left behind, and drop inodes no name refers to."""
+        for entry in sorted(os.scandir(self.staging_dir), key=lambda e: e.name):
+            try:
+                ino = int(entry.name, 16)
+            except ValueError:
+                log.warning("removing stray file %s from staging", entry.path)
+                os.unlink(entry.path)
+                continue
+            with self.store.read() as txn:
+                inode = txn.inode(ino)
+            if inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0:
+                log.warning("dropping staging file %s: its inode is gone", entry.path)
+                os.unlink(entry.path)
+                continue
+            fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            with self._lock:
+                self._state(ino).staging = Staging(Path(entry.path), fd, st.st_size,
+                                                   st.st_mtime_ns)
+            self.commit(ino)
+            log.warning("recovered %d bytes written to inode %d before the last crash",
+                        st.st_size, ino)
+        with self.store.read() as txn:
+            orphans = [ino for ino, inode in txn.inodes() if inode.nlink == 0 and ino != ROOT_INO]
+        if orphans:
+            with self.store.write() as txn:
+                for ino in orphans:
+                    namespace.remove_inode(txn, ino)
+            log.warning("removed %d unlinked inodes left open at the last crash", len(orphans))
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.store.path)
+
+
+def _discard_staging(staging: Staging) -> None:
+    os.close(staging.fd)
+    try:
+        os.unlink(staging.path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
