@@ -7,7 +7,10 @@ expect (mark expected ones with ``@pytest.mark.allow_warnings``), and every test
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +55,63 @@ def store(store_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
     with Store(store_path, readonly=True) as reopened:
         report = verify(reopened, progress=False)
     assert report.ok, f"verify found problems: {report.problems} {report.damaged_files}"
+
+
+class Mounted:
+    """A store mounted for real through ``hubfs mount`` (a background daemon)."""
+
+    def __init__(self, store: Path, mountpoint: Path) -> None:
+        self.store = store
+        self.path = mountpoint
+
+    def hubfs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_hubfs(*args, check=check)
+
+    def log(self) -> str:
+        log_file = self.store / "hubfs.log"
+        return log_file.read_text() if log_file.exists() else ""
+
+    def stats(self) -> dict:
+        return json.loads(run_hubfs("stats", str(self.store), "--json").stdout)
+
+
+def run_hubfs(*args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "hubfs.cli", *args], capture_output=True,
+                          text=True, check=check, timeout=600, **kwargs)  # type: ignore[call-overload]
+
+
+def mount_store(store: Path, mountpoint: Path, *extra: str) -> Mounted:
+    mountpoint.mkdir(exist_ok=True)
+    run_hubfs("mount", str(store), str(mountpoint), *extra)
+    return Mounted(store, mountpoint)
+
+
+def unmount_and_check(mounted: Mounted, request: pytest.FixtureRequest) -> None:
+    """Unmount, then the daemon log must be free of errors and the store must verify clean."""
+    result = run_hubfs("umount", str(mounted.path), check=False)
+    if result.returncode != 0:
+        subprocess.run(["fusermount3", "-uz", str(mounted.path)], check=False)
+        pytest.fail(f"umount failed: {result.stderr}")
+    log_text = mounted.log()
+    if not request.node.get_closest_marker("allow_warnings"):
+        bad = [line for line in log_text.splitlines()
+               if " ERROR " in line or " WARNING " in line or "Traceback" in line]
+        assert not bad, "daemon logged problems:\n" + "\n".join(bad[:20])
+    if request.node.get_closest_marker("damaged_store"):
+        return
+    with Store(mounted.store, readonly=True) as reopened:
+        report = verify(reopened, progress=False)
+    assert report.ok, f"verify found problems: {report.problems} {report.damaged_files}"
+
+
+@pytest.fixture
+def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mounted]:
+    """A fresh store mounted at a temp dir; unmounted, log-checked and verified afterwards."""
+    store = tmp_path / "store"
+    Store.init(store)
+    mnt = mount_store(store, tmp_path / "mnt")
+    try:
+        yield mnt
+    finally:
+        unmount_and_check(mnt, request)
