@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Union
+from typing import Self
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
-Body = Union[bytes, Path]
+Body = bytes | Path
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _COPY_CHUNK_BYTES = 1 << 20
@@ -53,7 +53,7 @@ class FileServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> FileServer:
+    def start(self) -> Self:
         handler = _make_handler(self)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
@@ -73,7 +73,7 @@ class FileServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> FileServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -117,10 +117,10 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        def do_HEAD(self) -> None:  # http.server's naming
             self._serve(send_body=False)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._serve(send_body=True)
 
         def _serve(self, send_body: bool) -> None:
@@ -177,11 +177,9 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 log.debug("client went away during %s", self.path)
 
         def _finish(self, path: str, query: str, status: int) -> None:
-            server._record(
-                Request(self.command, path, query, dict(self.headers.items()), status)
-            )
+            server._record(Request(self.command, path, query, dict(self.headers.items()), status))
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
     return Handler

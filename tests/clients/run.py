@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 RESULT_PREFIX = "HUBFS-RESULT "
 
-# Inherited settings that would send a client's cache somewhere other than the root under test.
+# Inherited settings that would move a client's cache away from the root under test.
 _CACHE_ENV_VARS = (
     "XDG_CACHE_HOME",
     "TORCH_HOME",
@@ -36,6 +36,9 @@ _CACHE_ENV_VARS = (
     "HUGGINGFACE_HUB_CACHE",
     "TRANSFORMERS_CACHE",
     "HF_DATASETS_CACHE",
+    # Not a cache location, but it switches off a write path the clients have by default:
+    # importing hubconf.py from torch's cache writes __pycache__/*.pyc there (temp + rename).
+    "PYTHONDONTWRITEBYTECODE",
 )
 
 

@@ -135,7 +135,7 @@ def tinynet(pretrained=False, **kwargs):
     return model
 '''
 
-_MODEL = '''\
+_MODEL = """\
 import torch.nn as nn
 
 
@@ -146,7 +146,7 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.fc(x)
-'''
+"""
 
 
 def make_hubconf_repo(
@@ -197,15 +197,16 @@ def _prelude() -> str:
 
 def download_code(url: str, dst: str, hash_prefix: str | None = None) -> str:
     """``torch.hub.download_url_to_file``; reports the destination's size."""
-    return _prelude() + f"""
+    body = f"""
 torch.hub.download_url_to_file({url!r}, {dst!r}, hash_prefix={hash_prefix!r}, progress=False)
 report({{"size": os.path.getsize({dst!r})}})
 """
+    return _prelude() + body
 
 
 def load_state_dict_code(url: str, check_hash: bool = True) -> str:
     """``load_state_dict_from_url`` into ``<hub>/checkpoints``; reports the cached path."""
-    return _prelude() + f"""
+    body = f"""
 url = {url!r}
 state = torch.hub.load_state_dict_from_url(url, check_hash={check_hash!r}, progress=False)
 path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
@@ -216,22 +217,24 @@ report({{
     "value_sum": float(sum(t.double().sum().item() for t in state.values())),
 }})
 """
+    return _prelude() + body
 
 
 def mmap_load_code(path: str) -> str:
     """``torch.load(mmap=True)``: the tensors are views of a MAP_PRIVATE mapping of ``path``."""
-    return _prelude() + f"""
+    body = f"""
 state = torch.load({path!r}, mmap=True, weights_only=True)
 report({{
     "keys": sorted(state),
     "value_sum": float(sum(t.double().sum().item() for t in state.values())),
 }})
 """
+    return _prelude() + body
 
 
 def hub_load_code(base_url: str, repo: HubRepo, pretrained: bool = True) -> str:
     """``torch.hub.load(source='github')`` with only the archive link pointed at ``base_url``."""
-    return _prelude() + f"""
+    body = f"""
 BASE_URL = {base_url!r}
 
 def _git_archive_link(repo_owner, repo_name, ref):
@@ -251,3 +254,4 @@ report({{
     "output": model(x).detach().tolist(),
 }})
 """
+    return _prelude() + body
