@@ -21,3 +21,31 @@ def cache_root(mounted: Mounted) -> Path:
     root = mounted.path / "cache"
     root.mkdir()
     return root
+
+
+def test_same_model_in_two_cache_roots_is_stored_once(
+    mounted: Mounted, model_files: dict[str, Path]
+) -> None:
+    """Two users' caches (two roots on one mount) download the same model: one stored copy."""
+    from tests.clients.hf_server import HubServer, run_hf_client
+
+    model_bytes = sum(p.stat().st_size for p in model_files.values())
+    with HubServer() as hub:
+        commit = hub.add_commit("org/minilm", model_files)
+        for user in ("alice", "bob"):
+            root = mounted.path / user
+            root.mkdir()
+            path = run_hf_client(
+                """
+                from huggingface_hub import snapshot_download
+                from safetensors.torch import load_file
+                path = snapshot_download("org/minilm", max_workers=8)
+                emit([path, len(load_file(path + "/model.safetensors"))])
+                """,
+                root,
+                hub.url,
+            )
+            assert path[0].endswith(commit) and path[1] > 50
+    stats = mounted.stats()
+    assert stats["logical_bytes"] >= 2 * model_bytes
+    assert stats["stored_bytes"] < 1.05 * model_bytes, stats
