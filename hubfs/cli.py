@@ -136,10 +136,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import mount
+    import grp
 
+    from .mount import mount
+    from .policy import Policy, SharedTree
+
+    shared = None
+    if args.shared_group:
+        try:
+            gid = grp.getgrnam(args.shared_group).gr_gid
+        except KeyError:
+            raise HubfsError(f"no group named {args.shared_group!r}: create it with "
+                             f"`groupadd {args.shared_group}` and add the users with "
+                             f"`usermod -aG {args.shared_group} USER`", 2) from None
+        shared = SharedTree(gid, args.shared_others)
+    policy = Policy(homes=args.multi_user, shared=shared)
+    if (args.multi_user or shared) and not args.allow_other:
+        raise HubfsError("--multi-user and --shared-group serve other users: add --allow-other",
+                         2)
     mount(args.store, args.mountpoint, foreground=args.foreground,
-          allow_other=args.allow_other, options=args.o)
+          allow_other=args.allow_other, options=args.o, policy=policy)
     return 0
 
 
@@ -207,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users in (permissions are still enforced)")
     p.add_argument("-o", action="append", default=[], help="extra FUSE mount options")
+    p.add_argument("--multi-user", action="store_true",
+                   help="serve home/<user> private trees, made on each user's first use")
+    p.add_argument("--shared-group", metavar="GROUP",
+                   help="serve shared/, where every member of GROUP reads and updates "
+                   "everything whatever their umask")
+    p.add_argument("--shared-others", choices=["none", "read"], default="none",
+                   help="what non-members get in shared/ (default: none)")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="store everything, unmount, wait for the daemon")

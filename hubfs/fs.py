@@ -113,7 +113,7 @@ class Operations(pyfuse3.Operations):
     # -- names and attributes
     @request
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.lookup(parent, name))
+        return entry(self.fs.lookup(parent, name, ctx.uid if ctx else 0))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         try:

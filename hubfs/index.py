@@ -104,7 +104,7 @@ class Inode:
     atime_ns: int = 0
     mtime_ns: int = 0
     ctime_ns: int = 0
-    parent: int = 0  # directories only: the one directory that holds this one
+    parent: int = 0  # the directory of the latest name (a directory has only one)
     content_id: bytes = b""  # regular files: the committed content ("" = empty file)
     target: bytes = b""  # symlinks: the link target
 

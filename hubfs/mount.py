@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -24,6 +25,7 @@ import trio
 
 from .errors import HubfsError
 from .fs import Operations
+from .policy import HOME_DIR, Policy
 from .store import Store
 from .vfs import FileSystem
 
@@ -98,11 +100,12 @@ def fuse_options(store: Path, allow_other: bool, extra: list[str]) -> set[str]:
 
 
 def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_other: bool = False,
-          options: list[str] | None = None) -> None:
+          options: list[str] | None = None, policy: Policy | None = None) -> None:
     check_mountpoint(store, mountpoint)
     opts = fuse_options(store, allow_other, options or [])
+    policy = policy or Policy()
     if foreground:
-        serve(store, mountpoint, opts, ready=lambda msg: None)
+        serve(store, mountpoint, opts, policy, ready=lambda msg: None)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -117,7 +120,7 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_othe
                 os.write(write_end, message.encode())
                 os.close(write_end)
 
-            serve(store, mountpoint, opts, ready)
+            serve(store, mountpoint, opts, policy, ready)
         except BaseException:
             log.exception("hubfs daemon failed")
             code = 1
@@ -149,7 +152,7 @@ def _detach(store: Path) -> None:
         root.setLevel(logging.INFO)
 
 
-def serve(store_path: Path, mountpoint: Path, options: set[str],
+def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
           ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
     try:
@@ -158,7 +161,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str],
         ready(exc.message)
         return
     try:
-        fs = FileSystem(store)
+        fs = FileSystem(store, policy)
         fs.recover()
         ops = Operations(fs)
         try:
@@ -261,9 +264,15 @@ def _status(pid: int) -> str:
         return "Z"
 
 
-def env_lines(mountpoint: Path) -> list[str]:
-    """Shell exports that point the ML libraries' caches into the mount."""
+def env_lines(mountpoint: Path, user: str | None = None) -> list[str]:
+    """Shell exports that point the ML libraries' caches into the mount: into the user's
+    private tree when the mount has ``home/`` (multi-user mode)."""
     root = Path(os.path.abspath(mountpoint))
+    home_root = root / HOME_DIR.decode()
+    if user is None:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    if home_root.is_dir() and root.resolve() != home_root.resolve():
+        root = home_root / user
     return [
         f"export XDG_CACHE_HOME={root}",
         f"export HF_HOME={root / 'huggingface'}",

@@ -93,7 +93,7 @@ def create(txn: Txn, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
     atime, mtime = times_ns or (t, t)
     is_dir = stat.S_ISDIR(mode)
     inode = Inode(mode, uid, gid, nlink=2 if is_dir else 1, rdev=rdev, atime_ns=atime,
-                  mtime_ns=mtime, ctime_ns=t, parent=parent if is_dir else 0, target=target,
+                  mtime_ns=mtime, ctime_ns=t, parent=parent, target=target,
                   size=len(target))
     if stat.S_ISREG(mode):
         cid, size = content if content else contents.empty_content(txn)
@@ -226,9 +226,8 @@ def rename(txn: Txn, old_parent: int, old_name: bytes, new_parent: int, new_name
     seq = txn.dirent(old_parent, old_name)[1]  # type: ignore[index]
     txn.delete_dirent(old_parent, old_name, seq)
     _add_entry(txn, new_parent, new_name, src)
-    src_inode = get(txn, src).with_(ctime_ns=now_ns())
+    src_inode = get(txn, src).with_(ctime_ns=now_ns(), parent=new_parent)
     if src_is_dir and old_parent != new_parent:
-        src_inode = src_inode.with_(parent=new_parent)
         _touch_dir(txn, old_parent, -1)
         _touch_dir(txn, new_parent, +1)
     else:
@@ -251,8 +250,8 @@ def _exchange(txn: Txn, parent_a: int, name_a: bytes, ino_a: int, parent_b: int,
     t = now_ns()
     if parent_a != parent_b:
         a_dir, b_dir = stat.S_ISDIR(a.mode), stat.S_ISDIR(b.mode)
-        txn.put_inode(ino_a, a.with_(parent=parent_b if a_dir else 0, ctime_ns=t))
-        txn.put_inode(ino_b, b.with_(parent=parent_a if b_dir else 0, ctime_ns=t))
+        txn.put_inode(ino_a, a.with_(parent=parent_b, ctime_ns=t))
+        txn.put_inode(ino_b, b.with_(parent=parent_a, ctime_ns=t))
         _touch_dir(txn, parent_a, int(b_dir) - int(a_dir))
         _touch_dir(txn, parent_b, int(a_dir) - int(b_dir))
     else:

@@ -28,7 +28,8 @@ from pathlib import Path
 from . import contents, namespace
 from .contents import PreparedContent
 from .errors import FsError
-from .index import ROOT_INO, Inode
+from .index import ROOT_INO, Inode, Txn
+from .policy import HOME_DIR, HOME_MODE, HOME_ROOT_MODE, SHARED_DIR, Policy, user_name
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,52 @@ class Attributes:
 
 
 class FileSystem:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, policy: Policy | None = None) -> None:
         if store.ingestor is None:
             raise ValueError("the filesystem needs a writable store")
         self.store = store
         self.ingestor = store.ingestor
+        self.policy = policy or Policy()
         self.staging_dir = store.path / "staging"
         self._states: dict[int, InodeState] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._lock = threading.RLock()
+        self.home_ino = 0
+        self.shared_ino = 0
+        self._set_up_layout()
+
+    def _set_up_layout(self) -> None:
+        """Create (or repair the modes of) home/ and shared/ as the policy asks."""
+        shared = self.policy.shared
+        if not self.policy.homes and shared is None:
+            return
+        with self.store.write() as txn:
+            if self.policy.homes:
+                self.home_ino = self._ensure_dir(txn, HOME_DIR, 0, 0, HOME_ROOT_MODE)
+            if shared is not None:
+                self.shared_ino = self._ensure_dir(txn, SHARED_DIR, 0, shared.gid,
+                                                   shared.root_mode())
+
+    def _ensure_dir(self, txn: Txn, name: bytes, uid: int, gid: int, mode: int) -> int:
+        found = txn.dirent(ROOT_INO, name)
+        if found is None:
+            return namespace.create(txn, ROOT_INO, name, stat.S_IFDIR | mode, uid, gid)
+        inode = namespace.get_dir(txn, found[0])
+        txn.put_inode(found[0], inode.with_(uid=uid, gid=gid, mode=stat.S_IFDIR | mode))
+        return found[0]
+
+    def _in_shared_tree(self, txn: Txn, ino: int) -> bool:
+        if not self.shared_ino:
+            return False
+        for _depth in range(4096):  # bounded: a damaged index must not loop forever
+            if ino == self.shared_ino:
+                return True
+            inode = txn.inode(ino)
+            if ino == ROOT_INO or inode is None:
+                return False
+            ino = inode.parent
+        return False
 
     # -- state bookkeeping
     def _state(self, ino: int) -> InodeState:
@@ -123,10 +160,31 @@ class FileSystem:
         return attrs
 
     # -- names
-    def lookup(self, parent: int, name: bytes) -> Attributes:
-        with self.store.read() as txn:
-            ino = namespace.lookup(txn, parent, name)
+    def lookup(self, parent: int, name: bytes, uid: int = 0) -> Attributes:
+        try:
+            with self.store.read() as txn:
+                ino = namespace.lookup(txn, parent, name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or not self._is_own_home(parent, name, uid):
+                raise
+            ino = self._make_home(name, uid)
         return self._counted(ino)
+
+    def _is_own_home(self, parent: int, name: bytes, uid: int) -> bool:
+        return bool(self.home_ino) and parent == self.home_ino and name == user_name(uid)
+
+    def _make_home(self, name: bytes, uid: int) -> int:
+        """A user's private tree, made on their first lookup of it."""
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid
+        with self.store.write() as txn:
+            found = txn.dirent(self.home_ino, name)
+            if found is not None:
+                return found[0]
+            ino = namespace.create(txn, self.home_ino, name, stat.S_IFDIR | HOME_MODE, uid, gid)
+        log.info("created the private tree home/%s for uid %d", name.decode(), uid)
+        return ino
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
@@ -148,19 +206,24 @@ class FileSystem:
         with self._lock:
             self._state(ino).lookups += 1
 
-    def _new_owner(self, parent: Inode, uid: int, gid: int, mode: int) -> tuple[int, int]:
-        """Owner group and mode for a new inode: setgid directories hand down their group."""
-        if parent.mode & stat.S_ISGID:
-            gid = parent.gid
+    def _new_owner(self, txn: Txn, parent: int, gid: int, mode: int) -> tuple[int, int]:
+        """Group and mode for a new inode: setgid directories hand down their group, and the
+        shared tree imposes its group and modes."""
+        parent_inode = namespace.get_dir(txn, parent)
+        if parent_inode.mode & stat.S_ISGID:
+            gid = parent_inode.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
+        shared = self.policy.shared
+        if shared is not None and self._in_shared_tree(txn, parent):
+            gid, mode = shared.gid, shared.adjust_mode(mode)
         return gid, mode
 
     def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
              target: bytes = b"") -> Attributes:
         """mkdir, mknod, symlink: a new inode of any type but an open regular file."""
         with self.store.write() as txn:
-            gid, mode = self._new_owner(namespace.get_dir(txn, parent), uid, gid, mode)
+            gid, mode = self._new_owner(txn, parent, gid, mode)
             ino = namespace.create(txn, parent, name, mode, uid, gid, rdev=rdev, target=target)
         return self._counted(ino)
 
@@ -222,7 +285,10 @@ class FileSystem:
             inode = namespace.get(txn, ino)
             changes: dict[str, int] = {"ctime_ns": now}
             if mode is not None:
-                changes["mode"] = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+                mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+                if self.policy.shared and self._in_shared_tree(txn, ino):
+                    mode = self.policy.shared.adjust_mode(mode)
+                changes["mode"] = mode
             if uid is not None:
                 changes["uid"] = uid
             if gid is not None:
@@ -288,8 +354,8 @@ class FileSystem:
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int
                ) -> tuple[int, Attributes]:
         with self.store.write() as txn:
-            gid, mode = self._new_owner(namespace.get_dir(txn, parent), uid, gid, mode)
-            ino = namespace.create(txn, parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+            gid, mode = self._new_owner(txn, parent, gid, stat.S_IFREG | stat.S_IMODE(mode))
+            ino = namespace.create(txn, parent, name, mode, uid, gid)
             inode = namespace.get(txn, ino)
         with self._lock:
             state = self._state(ino)
