@@ -167,9 +167,10 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         try:
             pyfuse3.init(ops, str(mountpoint), options)
         except RuntimeError as exc:
-            ready(f"cannot mount {mountpoint}: {exc}; check that /dev/fuse exists, that fuse3 "
-                  "is installed (apt-get install fuse3), and for --allow-other as a normal user "
-                  "that /etc/fuse.conf has user_allow_other")
+            ready(f"cannot mount {mountpoint}: {exc}; check that fuse3 is installed "
+                  "(apt-get install fuse3), that /dev/fuse exists and is read-writable by you "
+                  "(Debian makes it 0666: `chmod 0666 /dev/fuse` as root), and for "
+                  "--allow-other as a normal user that /etc/fuse.conf has user_allow_other")
             return
         log.info("mounted %s at %s (options %s)", store_path, mountpoint, sorted(options))
         _raise_readahead(mountpoint)

@@ -682,11 +682,14 @@ def run_hf_client(
     offline: bool = False,
     python: str = sys.executable,
     timeout_s: float = HF_CLIENT_TIMEOUT_S,
+    user: str | None = None,
+    umask: int | None = None,
 ) -> Any:
     """Run ``code`` with the real huggingface_hub in a fresh process; return what it ``emit``ted.
 
     A fresh process per call because the client reads HF_ENDPOINT and HF_HUB_OFFLINE at import.
     """
     source = _SNIPPET_PRELUDE + textwrap.dedent(code)
-    stdout = run_client(python, source, hf_env(cache_root, endpoint, offline=offline), timeout_s)
+    stdout = run_client(python, source, hf_env(cache_root, endpoint, offline=offline), timeout_s,
+                        user=user, umask=umask)
     return client_result(stdout) if RESULT_PREFIX in stdout else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import subprocess
 import tempfile
 import textwrap
@@ -74,8 +75,13 @@ def run_client(
     timeout: float,
     *,
     cwd: Path | str | None = None,
+    user: str | None = None,
+    umask: int | None = None,
 ) -> str:
     """Run ``code`` with interpreter ``python``; return its stdout, raise ClientError on failure.
+
+    With ``user`` the client runs as that user (``setpriv``, with their groups and HOME), to test
+    what other users of a shared machine see; ``umask`` is the client's umask.
 
     ``env`` is laid over this process's environment with cache-location variables removed, so a
     developer's own settings cannot leak a client's writes out of the cache root under test.
@@ -87,10 +93,16 @@ def run_client(
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env)
     source = textwrap.dedent(code)
+    argv = [python, "-c", source]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+        full_env["HOME"] = pwd.getpwnam(user).pw_dir
+        full_env["USER"] = full_env["LOGNAME"] = user
     log.debug("running client with %s (timeout %.0f s)", python, timeout)
     try:
         proc = subprocess.run(
-            [python, "-c", source],
+            argv,
+            umask=-1 if umask is None else umask,
             env=full_env,
             cwd=str(cwd) if cwd is not None else tempfile.gettempdir(),
             capture_output=True,
