@@ -114,6 +114,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         print(f"{key:26s} {value}")
+    if len(stats["trees"]) > 1:
+        print(f"\n{'tree':26s} {'files':>7s} {'logical':>10s} {'own bytes':>10s} "
+              f"{'dedup saved':>12s}")
+        for tree, row in stats["trees"].items():
+            print(f"{tree:26s} {row['files']:7d} {human_bytes(row['logical_bytes']):>10s} "
+                  f"{human_bytes(row.get('exclusive_bytes', 0)):>10s} "
+                  f"{human_bytes(row.get('dedup_saved_bytes', 0)):>12s}")
     return 0
 
 

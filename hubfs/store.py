@@ -142,6 +142,7 @@ class Store:
                 if stat.S_ISREG(inode.mode):
                     files += 1
                     logical += inode.size
+            trees = _tree_stats(txn)
             chunks = unique = stored = dead = 0
             for _cid, entry in txn.chunks():
                 if entry.refcount > 0:
@@ -164,7 +165,47 @@ class Store:
             "chunks": chunks,
             "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
             "compression_ratio": round(unique / stored, 4) if stored else 1.0,
+            "trees": trees,
         }
+
+
+def tree_of(path: bytes) -> str:
+    """The tree a path belongs to: ``home/<user>`` for private trees, else its top directory."""
+    parts = path.strip(b"/").split(b"/")
+    if parts[0] == b"home" and len(parts) > 2:
+        return os.fsdecode(b"/".join(parts[:2]))
+    return os.fsdecode(parts[0]) if len(parts) > 1 else "/"
+
+
+def _tree_stats(txn: Txn) -> dict[str, dict[str, int]]:
+    """Per tree: logical bytes, unique bytes, and the bytes it shares with other trees (what
+    dedup saved it, beyond its own repeats: ``logical - exclusive``)."""
+    sizes: dict[bytes, int] = {}
+    owners: dict[bytes, set[str]] = {}
+    per_tree: dict[str, dict[str, int]] = {}
+    chunk_sets: dict[str, set[bytes]] = {}
+    paths = namespace.paths(txn)
+    for ino, inode in txn.inodes():
+        if not stat.S_ISREG(inode.mode) or ino not in paths:
+            continue
+        tree = tree_of(paths[ino][0])
+        row = per_tree.setdefault(tree, {"files": 0, "logical_bytes": 0})
+        row["files"] += 1
+        row["logical_bytes"] += inode.size
+        table = txn.content(inode.content_id)
+        if table is None:
+            continue
+        ids = chunk_sets.setdefault(tree, set())
+        for chunk_id, length in zip(table.chunk_ids, table.lengths):
+            ids.add(chunk_id)
+            sizes[chunk_id] = length
+            owners.setdefault(chunk_id, set()).add(tree)
+    for tree, ids in chunk_sets.items():
+        row = per_tree[tree]
+        row["unique_bytes"] = sum(sizes[c] for c in ids)
+        row["exclusive_bytes"] = sum(sizes[c] for c in ids if len(owners[c]) == 1)
+        row["dedup_saved_bytes"] = row["logical_bytes"] - row["exclusive_bytes"]
+    return dict(sorted(per_tree.items()))
 
 
 def _check_marker(path: Path) -> None:

@@ -111,6 +111,13 @@ def test_private_caches_dedupe_and_stay_private(shared_mount: Mounted, hub: HubS
     model_bytes = sum(p.stat().st_size for p in model_files.values())
     assert stats["logical_bytes"] >= 2 * model_bytes
     assert stats["stored_bytes"] < 1.05 * model_bytes
+    trees = stats["trees"]
+    for user in (ALICE, BOB):
+        row = trees[f"home/{user}"]
+        assert row["logical_bytes"] >= model_bytes
+        assert row["dedup_saved_bytes"] >= 0.99 * model_bytes  # the other user holds it too
+    shown = run_hubfs("stats", str(shared_mount.store)).stdout
+    assert f"home/{ALICE}" in shown and "dedup saved" in shown
 
     probe = f"""
 import os
