@@ -180,6 +180,31 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from . import control, gc
+    from .errors import StoreBusyError
+    from .progress import Progress
+
+    try:
+        store = Store(args.store)
+    except StoreBusyError:
+        with Progress("gc (in the mount daemon)", 0) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.advance(done - bar.done)
+            result = control.request(args.store, "gc", progress)
+    else:
+        with store:
+            result = gc.collect(store).to_dict()
+    print(f"gc: dropped {result['chunks_dropped']} unreferenced chunks, rewrote "
+          f"{result['packs_rewritten']} packs, deleted {result['packs_deleted']}; packs "
+          f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}")
+    if result["damaged_packs"]:
+        raise HubfsError(f"{result['damaged_packs']} packs hold damaged data and were kept: "
+                         "run `hubfs verify` to list the affected files", 3)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubfs", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -221,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every byte and the whole index")
     p.add_argument("store", type=Path)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("gc", help="give back the space of data no file uses (works mounted)")
+    p.add_argument("store", type=Path)
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("mount", help="mount the store (returns once mounted)")
     p.add_argument("store", type=Path)

@@ -103,7 +103,8 @@ def import_tree(store: Store, src: Path, dest: str = "/", progress: bool | None 
         inos = {b"": namespace.make_dirs(txn, dest, os.getuid(), os.getgid())}
     first_path: dict[tuple[int, int], bytes] = {}
     batch = _Batch()
-    with Progress(f"import {os.fsdecode(src_b)}", total, enabled=progress) as bar:
+    with store.ingest_gate.shared(), \
+            Progress(f"import {os.fsdecode(src_b)}", total, enabled=progress) as bar:
         for entry in entries[1:]:
             op = _prepare_op(store, src_b, entry, first_path, bar, report)
             if op is None:

@@ -107,6 +107,11 @@ class Ingestor:
         if progress:
             progress(sum(item[1].length for item in batch))
 
+    def forget_pending(self) -> None:
+        """Drop every pending chunk (gc calls this while no ingest is in flight)."""
+        with self._pending_lock:
+            self._pending.clear()
+
     def committed(self, prepared: PreparedContent) -> None:
         """Forget pending chunks once the index holds them."""
         with self._pending_lock:

@@ -18,11 +18,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from . import gc
+from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
 from .policy import HOME_DIR, Policy
@@ -175,8 +178,9 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         log.info("mounted %s at %s (options %s)", store_path, mountpoint, sorted(options))
         _raise_readahead(mountpoint)
         ready("ok")
+        commands = {"gc": lambda progress: gc.collect(store, progress, False).to_dict()}
         try:
-            trio.run(_serve_until_stopped)
+            trio.run(_serve_until_stopped, store, commands)
         finally:
             pyfuse3.close(unmount=True)
             fs.flush_all()
@@ -185,9 +189,10 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         store.close()
 
 
-async def _serve_until_stopped() -> None:
+async def _serve_until_stopped(store: Store, commands: dict[str, Callable[..., Any]]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(serve_control, store, commands)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -61,6 +61,10 @@ MAX_RECORD_RAW_BYTES = 64 * 1024 * 1024  # far above any chunk size; bounds what
 OPEN_PACKS_MAX = 64
 
 
+class PackMissingError(IntegrityError):
+    """A pack file is gone: gc deleted it after moving its chunks, or the store is damaged."""
+
+
 def block_sums(stored: bytes | memoryview) -> tuple[int, ...]:
     view = memoryview(stored)
     return tuple(
@@ -117,6 +121,7 @@ class PackFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._retired: list[int] = []
         self._lock = threading.Lock()
 
     def path(self, pack_id: int) -> Path:
@@ -131,7 +136,7 @@ class PackFiles:
             try:
                 fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise IntegrityError(
+                raise PackMissingError(
                     f"pack file {self.path(pack_id)} is missing; run `hubfs verify` to list the "
                     "files it held", None) from None
             self._fds[pack_id] = fd
@@ -140,11 +145,26 @@ class PackFiles:
                 os.close(old)
             return fd
 
+    def retire(self, pack_id: int) -> None:
+        """Stop handing out a pack that gc deletes; its descriptor stays open for reads in
+        flight until ``close_retired``."""
+        with self._lock:
+            fd = self._fds.pop(pack_id, None)
+            if fd is not None:
+                self._retired.append(fd)
+
+    def close_retired(self) -> None:
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for fd in retired:
+            os.close(fd)
+
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._retired]:
                 os.close(fd)
             self._fds.clear()
+            self._retired.clear()
 
     def read_blocks(self, chunk_id: bytes, loc: ChunkLocation, first: int, last: int) -> bytes:
         """Stored bytes of blocks ``[first, last)``, each checked against its checksum."""
@@ -242,6 +262,19 @@ class PackWriter:
             self._unsynced[self._pack_id] = self._fd
         return ChunkLocation(self._pack_id, offset, codec, raw_len, len(stored), sums)
 
+    @property
+    def current_pack(self) -> int:
+        return self._pack_id
+
+    def seal(self) -> None:
+        """Start a new pack, so every existing one is sealed (gc rewrites only sealed packs)."""
+        with self._lock:
+            if self._end > PACK_HEADER.size:
+                self._start_pack(self._pack_id + 1)
+
+    def sync_directory(self) -> None:
+        _fsync_directory(self.directory)
+
     def sync(self) -> None:
         """Make every appended record durable (and the names of new pack files)."""
         with self._lock:
@@ -252,11 +285,7 @@ class PackWriter:
                 if fd != self._fd:
                     os.close(fd)
             if dir_pending:
-                dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                _fsync_directory(self.directory)
 
     def close(self) -> None:
         self.sync()
@@ -264,6 +293,14 @@ class PackWriter:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:

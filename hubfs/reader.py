@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .compression import Codec, decode
 from .errors import IntegrityError
 from .index import Index
-from .packs import CHECK_BLOCK_BYTES, ChunkLocation, PackFiles
+from .packs import CHECK_BLOCK_BYTES, ChunkLocation, PackFiles, PackMissingError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,15 @@ class ContentReader:
         return self._read(content_id, offset, size, decode=False)
 
     def _read(self, content_id: bytes, offset: int, size: int, decode: bool) -> bytes | None:
+        try:
+            return self._read_once(content_id, offset, size, decode)
+        except PackMissingError:
+            # gc moved the chunks after this table was resolved: resolve again, once
+            self._tables.clear()
+            return self._read_once(content_id, offset, size, decode)
+
+    def _read_once(self, content_id: bytes, offset: int, size: int, decode: bool
+                   ) -> bytes | None:
         table = self.table(content_id)
         end = min(offset + size, table.size)
         if offset >= end:

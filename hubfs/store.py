@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,11 +39,52 @@ FORMAT_VERSION = 1
 MARKER = "HUBFS"
 
 
+class IngestGate:
+    """Many ingests at once (shared), or one gc step alone (exclusive); gc waits its turn
+    and, once waiting, goes before new ingests so it cannot starve."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class Store:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = -1
+        # Held shared from an ingest's first index lookup to its commit; gc takes it alone.
+        self.ingest_gate = IngestGate()
         _check_marker(path)
         if not readonly:
             self._lock_fd = _take_lock(path)

@@ -515,12 +515,13 @@ class FileSystem:
             with self.store.read() as txn:
                 alive = (txn.inode(ino) or Inode(0, 0, 0, nlink=0)).nlink > 0
             if alive:
-                prepared = self.ingestor.prepare_fd(staging.fd)
-                with self.store.write() as txn:
-                    contents.register(txn, prepared)
-                    inode = namespace.set_content(txn, ino, prepared.content_id,
-                                                  prepared.table.size)
-                    txn.put_inode(ino, inode.with_(mtime_ns=mtime_ns))
+                with self.store.ingest_gate.shared():
+                    prepared = self.ingestor.prepare_fd(staging.fd)
+                    with self.store.write() as txn:
+                        contents.register(txn, prepared)
+                        inode = namespace.set_content(txn, ino, prepared.content_id,
+                                                      prepared.table.size)
+                        txn.put_inode(ino, inode.with_(mtime_ns=mtime_ns))
                 self.ingestor.committed(prepared)
         finally:
             with self._lock:
