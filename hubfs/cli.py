@@ -32,9 +32,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from .repair import snapshot
+
     with Store(args.store) as store:
         start = time.monotonic()
-        report = import_tree(store, args.src, args.dest)
+        try:
+            report = import_tree(store, args.src, args.dest)
+        finally:
+            snapshot(store.index, store.path)
         elapsed = time.monotonic() - start
     print(f"imported {report.files} files ({human_bytes(report.bytes)}), {report.dirs} "
           f"directories, {report.symlinks} symlinks, {report.hardlinks} hard links in "
@@ -125,6 +130,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.repair:
+        from .repair import repair
+
+        fixed = repair(args.store)
+        for note in fixed.notes:
+            print(f"repair: {note}")
+        print(f"repair: {fixed.relocated} chunk locations re-derived from the packs, "
+              f"{fixed.refcounts_fixed} reference counts corrected, {fixed.missing_chunks} "
+              "chunks have no intact copy")
     with Store(args.store, readonly=True) as store:
         report = verify(store)
     for note in report.notes:
@@ -245,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every byte and the whole index")
     p.add_argument("store", type=Path)
+    p.add_argument("--repair", action="store_true",
+                   help="first restore a damaged index from its newest good snapshot and "
+                   "re-derive chunk locations and reference counts from the packs (unmounted)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("gc", help="give back the space of data no file uses (works mounted)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import gc
+from . import gc, repair
 from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
@@ -178,12 +178,18 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         log.info("mounted %s at %s (options %s)", store_path, mountpoint, sorted(options))
         _raise_readahead(mountpoint)
         ready("ok")
-        commands = {"gc": lambda progress: gc.collect(store, progress, False).to_dict()}
+        def run_gc(progress: Callable[[int, int], None]) -> dict[str, int]:
+            result = gc.collect(store, progress, False).to_dict()
+            repair.snapshot(store.index, store.path)
+            return result
+
+        commands = {"gc": run_gc}
         try:
             trio.run(_serve_until_stopped, store, commands)
         finally:
             pyfuse3.close(unmount=True)
             fs.flush_all()
+            repair.snapshot(store.index, store.path)
             log.info("unmounted %s", mountpoint)
     finally:
         store.close()
@@ -193,8 +199,15 @@ async def _serve_until_stopped(store: Store, commands: dict[str, Callable[..., A
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(serve_control, store, commands)
+        nursery.start_soon(_snapshot_periodically, store)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _snapshot_periodically(store: Store) -> None:
+    while True:
+        await trio.sleep(repair.SNAPSHOT_INTERVAL_S)
+        await trio.to_thread.run_sync(repair.snapshot, store.index, store.path)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -22,7 +22,7 @@ from .compression import decode
 from .contents import EMPTY
 from .errors import IntegrityError
 from .index import ROOT_INO, ChunkEntry
-from .packs import PackFiles, pack_ids, scan
+from .packs import PackFiles, ScannedRecord, pack_ids, scan
 from .progress import Progress
 from .store import Store
 
@@ -51,7 +51,7 @@ def verify(store: Store, progress: bool | None = None) -> VerifyReport:
         inodes = dict(txn.inodes())
         dirents = list(txn.all_dirents())
         paths = namespace.paths(txn)
-    good = _check_packs(store.packs, store.path, report, progress)
+    good = {key: rec.chunk_id for key, rec in check_packs(store.packs, report, progress).items()}
     bad_chunks = _check_chunks(chunks, good, report)
     _check_refs(chunks, tables, content_refs, inodes, bad_chunks, report)
     _check_tree(inodes, dirents, report)
@@ -63,10 +63,10 @@ def verify(store: Store, progress: bool | None = None) -> VerifyReport:
     return report
 
 
-def _check_packs(packs: PackFiles, root: object, report: VerifyReport,
-                 progress: bool | None) -> dict[tuple[int, int], bytes]:
-    """Intact records by (pack id, offset) -> chunk id; every byte read and checked."""
-    good: dict[tuple[int, int], bytes] = {}
+def check_packs(packs: PackFiles, report: VerifyReport, progress: bool | None
+                ) -> dict[tuple[int, int], ScannedRecord]:
+    """Intact records by (pack id, offset); every byte read, decoded and hashed."""
+    good: dict[tuple[int, int], ScannedRecord] = {}
     ids = sorted(pack_ids(packs.directory))
     total = sum(packs.path(p).stat().st_size for p in ids)
     with Progress("verify", total, enabled=progress) as bar:
@@ -83,7 +83,7 @@ def _check_packs(packs: PackFiles, root: object, report: VerifyReport,
                     report.problems.append(f"pack {pack_id:08x} offset {loc.offset}: damaged "
                                            f"record of chunk {rec.chunk_id.hex()[:16]} ({exc})")
                 else:
-                    good[(pack_id, loc.offset)] = rec.chunk_id
+                    good[(pack_id, loc.offset)] = rec
                 report.records += 1
                 report.bytes_checked += loc.stored_len
                 bar.advance(loc.record_end - end if end else loc.record_end)
