@@ -206,10 +206,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.advance(done - bar.done)
-            result = control.request(args.store, "gc", progress)
+            result = control.request(args.store, "gc-full" if args.full else "gc", progress)
     else:
+        from .repair import snapshot
+
         with store:
-            result = gc.collect(store).to_dict()
+            result = gc.collect(store, full=args.full).to_dict()
+            snapshot(store.index, store.path)
     print(f"gc: dropped {result['chunks_dropped']} unreferenced chunks, rewrote "
           f"{result['packs_rewritten']} packs, deleted {result['packs_deleted']}; packs "
           f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}")
@@ -266,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="give back the space of data no file uses (works mounted)")
     p.add_argument("store", type=Path)
+    p.add_argument("--full", action="store_true",
+                   help="rewrite every pack with any dead byte (default: packs < 80%% live)")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("mount", help="mount the store (returns once mounted)")

@@ -178,12 +178,12 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         log.info("mounted %s at %s (options %s)", store_path, mountpoint, sorted(options))
         _raise_readahead(mountpoint)
         ready("ok")
-        def run_gc(progress: Callable[[int, int], None]) -> dict[str, int]:
-            result = gc.collect(store, progress, False).to_dict()
+        def run_gc(progress: Callable[[int, int], None], full: bool = False) -> dict[str, int]:
+            result = gc.collect(store, progress, False, full).to_dict()
             repair.snapshot(store.index, store.path)
             return result
 
-        commands = {"gc": run_gc}
+        commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True)}
         try:
             trio.run(_serve_until_stopped, store, commands)
         finally:
