@@ -18,6 +18,7 @@ from pathlib import Path
 from . import namespace
 from .errors import FsError, HubfsError
 from .importer import export_tree, import_tree
+from .index import Inode
 from .progress import human_bytes
 from .store import Store
 from .verify import verify
@@ -60,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_path(store: Store, path: str) -> tuple[int, object]:
+def _store_path(store: Store, path: str) -> tuple[int, Inode]:
     with store.read() as txn:
         try:
             ino = namespace.resolve(txn, path)
@@ -74,7 +75,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with Store(args.store, readonly=True) as store:
         ino, inode = _store_path(store, args.path)
         with store.read() as txn:
-            if stat.S_ISDIR(inode.mode):  # type: ignore[attr-defined]
+            if stat.S_ISDIR(inode.mode):
                 rows = [(name, namespace.get(txn, child))
                         for _seq, name, child in namespace.readdir(txn, ino)]
             else:
@@ -92,11 +93,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     with Store(args.store, readonly=True) as store:
         _ino, inode = _store_path(store, args.path)
-        if not stat.S_ISREG(inode.mode):  # type: ignore[attr-defined]
+        if not stat.S_ISREG(inode.mode):
             raise HubfsError(f"{args.path} is not a regular file", 2)
-        cid = inode.content_id  # type: ignore[attr-defined]
+        cid = inode.content_id
         out = sys.stdout.buffer
-        for offset in range(0, inode.size, 4 << 20):  # type: ignore[attr-defined]
+        for offset in range(0, inode.size, 4 << 20):
             out.write(store.reader.read(cid, offset, 4 << 20))
         out.flush()
     return 0

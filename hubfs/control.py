@@ -41,12 +41,15 @@ async def serve_control(store: Store, commands: dict[str, Callable[..., Any]]) -
     sock.listen(4)
     listener = trio.SocketListener(sock)
     try:
-        await trio.serve_listeners(lambda stream: _handle(stream, commands), [listener])
+        async def handler(stream: trio.SocketStream) -> None:
+            await _handle(stream, commands)
+
+        await trio.serve_listeners(handler, [listener])
     finally:
         path.unlink(missing_ok=True)
 
 
-async def _handle(stream: trio.SocketStream, commands: dict[str, Callable[..., Any]]) -> None:
+async def _handle(stream: trio.abc.Stream, commands: dict[str, Callable[..., Any]]) -> None:
     async with stream:
         request = b""
         while not request.endswith(b"\n"):

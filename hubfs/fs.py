@@ -14,8 +14,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -33,21 +33,24 @@ BLKSIZE_BYTES = 128 * 1024
 WORKER_THREADS = 4
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def request(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def request(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Translate whatever a handler raises into a FUSE error reply."""
 
     @functools.wraps(func)
-    async def handler(self: Operations, *args: Any) -> T:
+    async def handler(*args: P.args, **kwargs: P.kwargs) -> T:
+        self = args[0]
+        assert isinstance(self, Operations)
         try:
-            return await func(self, *args)
+            return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except IntegrityError as exc:
-            self.report_damage(func.__name__, args, exc)
+            self.report_damage(func.__name__, args[1:], exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except StoreFullError as exc:
             log.error("%s: %s", func.__name__, exc.message)
@@ -102,7 +105,10 @@ class Operations(pyfuse3.Operations):
     def report_damage(self, op: str, args: tuple[Any, ...], exc: IntegrityError) -> None:
         ino = args[0] if args and isinstance(args[0], int) else 0
         if op in ("read", "write", "fsync", "release"):
-            ino = self.fs.handle(args[0]).ino if args[0] in self.fs._handles else 0
+            try:
+                ino = self.fs.handle(args[0]).ino
+            except FsError:
+                ino = 0
         if ino in self._reported:
             return
         self._reported.add(ino)
@@ -115,7 +121,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return entry(self.fs.lookup(parent, name, ctx.uid if ctx else 0))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
             self.fs.forget(inode_list)
         except Exception:

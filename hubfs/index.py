@@ -62,7 +62,7 @@ class ChunkEntry:
         return head + b"".join(SUM.pack(s) for s in loc.sums)
 
     @classmethod
-    def decode(cls, raw: bytes) -> ChunkEntry:
+    def decode(cls, raw: bytes | memoryview) -> ChunkEntry:
         _v, codec, pack_id, offset, raw_len, stored_len, refs, n = CHUNK_ENTRY.unpack_from(raw)
         sums = struct.unpack_from(f"<{n}Q", raw, CHUNK_ENTRY.size)
         return cls(ChunkLocation(pack_id, offset, Codec(codec), raw_len, stored_len, sums), refs)
@@ -83,7 +83,7 @@ class ContentTable:
         )
 
     @classmethod
-    def decode(cls, raw: bytes) -> ContentTable:
+    def decode(cls, raw: bytes | memoryview) -> ContentTable:
         _v, size, count = CONTENT_HEAD.unpack_from(raw)
         items = list(CONTENT_ITEM.iter_unpack(memoryview(raw)[CONTENT_HEAD.size :]))
         if len(items) != count:
@@ -115,7 +115,7 @@ class Inode:
                           self.parent) + tail
 
     @classmethod
-    def decode(cls, raw: bytes) -> Inode:
+    def decode(cls, raw: bytes | memoryview) -> Inode:
         (_v, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime,
          parent) = INODE.unpack_from(raw)
         tail = bytes(raw[INODE.size :])
@@ -136,7 +136,8 @@ class Txn:
 
     # -- meta
     def meta_get(self, key: str) -> bytes | None:
-        return self.raw.get(key.encode(), db=self.dbs["meta"])
+        raw = self.raw.get(key.encode(), db=self.dbs["meta"])
+        return bytes(raw) if raw is not None else None
 
     def meta_put(self, key: str, value: bytes) -> None:
         self.raw.put(key.encode(), value, db=self.dbs["meta"])
@@ -236,7 +237,7 @@ class Txn:
                 if key[:8] != prefix:
                     return
                 seq = U64.unpack(key[8:])[0]
-                child = DIRENT.unpack(self.raw.get(prefix + name, db=dirents))[0]
+                child = DIRENT.unpack(self.raw.get(prefix + name, db=dirents) or b"")[0]
                 yield seq, bytes(name), child
 
     def all_dirents(self) -> Iterator[tuple[int, bytes, int, int]]:

@@ -200,7 +200,8 @@ def rename(txn: Txn, old_parent: int, old_name: bytes, new_parent: int, new_name
     if flags & RENAME_EXCHANGE:
         if dst_entry is None:
             raise FsError(errno.ENOENT)
-        return _exchange(txn, old_parent, old_name, src, new_parent, new_name, dst_entry[0])
+        _exchange(txn, old_parent, old_name, src, new_parent, new_name, dst_entry[0])
+        return None
     if dst_entry is not None and flags & RENAME_NOREPLACE:
         raise FsError(errno.EEXIST)
     if dst_entry is not None and dst_entry[0] == src:
@@ -258,7 +259,6 @@ def _exchange(txn: Txn, parent_a: int, name_a: bytes, ino_a: int, parent_b: int,
         txn.put_inode(ino_a, a.with_(ctime_ns=t))
         txn.put_inode(ino_b, b.with_(ctime_ns=t))
         _touch_dir(txn, parent_a)
-    return None
 
 
 def readdir(txn: Txn, ino: int, after_seq: int = 0) -> Iterator[tuple[int, bytes, int]]:

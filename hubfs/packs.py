@@ -280,7 +280,7 @@ class PackWriter:
         with self._lock:
             pending, self._unsynced = self._unsynced, {}
             dir_pending, self._dir_unsynced = self._dir_unsynced, False
-            for pack_id, fd in pending.items():
+            for fd in pending.values():
                 os.fsync(fd)
                 if fd != self._fd:
                     os.close(fd)

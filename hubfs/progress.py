@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Self, TextIO
 
 REDRAW_PER_S = 8
 BAR_WIDTH = 28
@@ -36,7 +36,7 @@ class Progress:
         self._last_draw = 0.0
         self._lock = threading.Lock()
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

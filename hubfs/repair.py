@@ -95,7 +95,7 @@ def _index_readable(path: Path) -> bool:
             for _ in txn.all_content_refs():
                 pass
         return True
-    except Exception as exc:  # any decode failure means damage, whatever its type
+    except Exception as exc:  # noqa: BLE001  (any failure to decode means damage)
         log.info("index at %s does not read back: %s", path, exc)
         return False
     finally:
@@ -144,7 +144,8 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
                     if refs:
                         report.missing_chunks += 1
                     continue
-                here = entry and intact.get((entry.location.pack_id, entry.location.offset))
+                here = None if entry is None else intact.get(
+                    (entry.location.pack_id, entry.location.offset))
                 if entry is None or here is None or here.chunk_id != chunk_id:
                     report.relocated += 1
                     txn.put_chunk(chunk_id, ChunkEntry(loc, refs))

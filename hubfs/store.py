@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import compression, contents, namespace
 from .chunking import ChunkerParams
@@ -152,7 +152,7 @@ class Store:
         self.index.close()
         self._release_lock()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

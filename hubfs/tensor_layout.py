@@ -8,6 +8,7 @@ never an exception, and the header size is bounded before it is read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import struct
@@ -86,10 +87,11 @@ def parse_layout(head: memoryview | bytes, size: int | None = None,
         begin, end = offsets
         if not 0 <= begin <= end or data_start + end > size:
             return None
-        width = DTYPE_WIDTH.get(entry.get("dtype"), 0) if isinstance(entry.get("dtype"), str) else 0
+        dtype = entry.get("dtype")
+        width = DTYPE_WIDTH.get(dtype, 0) if isinstance(dtype, str) else 0
         spans.append(TensorSpan(data_start + begin, data_start + end, width))
     spans[1:] = sorted(spans[1:], key=lambda s: (s.start, s.end))
-    for before, after in zip(spans, spans[1:]):
+    for before, after in itertools.pairwise(spans):
         if after.start < before.end:
             log.debug("safetensors tensors overlap; plain chunking")
             return None

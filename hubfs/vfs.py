@@ -22,6 +22,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,7 @@ class FileSystem:
         log.info("created the private tree home/%s for uid %d", name.decode(), uid)
         return ino
 
-    def forget(self, items: list[tuple[int, int]]) -> None:
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
         for ino, count in items:
             with self._lock:
                 state = self._states.get(ino)
