@@ -7,6 +7,7 @@ its exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # file names are bytes: print them back as bytes
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -310,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     except HubfsError as exc:
         print(f"hubfs: error: {exc.message}", file=sys.stderr)
         return exc.exitcode
+    except OSError as exc:  # the user's disk or files said no: name what and where
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"hubfs: error: {exc.strerror or exc}{where}: check that path and its "
+              "permissions, and the free space on its disk", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hubfs: interrupted", file=sys.stderr)
         return 130

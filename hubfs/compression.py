@@ -77,6 +77,14 @@ def decode(stored: bytes | memoryview, codec: Codec, raw_len: int) -> bytes:
     if codec == Codec.RAW:
         out = bytes(stored)
     else:
+        # The frame header states its size, and zstandard trusts it over max_output_size: a
+        # damaged header must not make it allocate what it claims.
+        try:
+            claimed = zstandard.frame_content_size(stored)
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"not a zstd frame: {exc}") from exc
+        if claimed not in (-1, raw_len):
+            raise ValueError(f"zstd frame claims {claimed} bytes, expected {raw_len}")
         try:
             out = _decompressor().decompress(stored, max_output_size=raw_len)
         except zstandard.ZstdError as exc:

@@ -99,8 +99,12 @@ def import_tree(store: Store, src: Path, dest: str = "/", progress: bool | None 
     report = ImportReport()
     entries = _walk(src_b, report)
     total = sum(e.st.st_size for e in entries if stat.S_ISREG(e.st.st_mode))
-    with store.write() as txn:
-        inos = {b"": namespace.make_dirs(txn, dest, os.getuid(), os.getgid())}
+    try:
+        with store.write() as txn:
+            inos = {b"": namespace.make_dirs(txn, dest, os.getuid(), os.getgid())}
+    except FsError as exc:
+        raise HubfsError(f"--dest {dest} cannot be a directory in the store ({exc}): name a "
+                         "directory path, each part at most 255 bytes", 2) from None
     first_path: dict[tuple[int, int], bytes] = {}
     batch = _Batch()
     with store.ingest_gate.shared(), \
@@ -117,6 +121,12 @@ def import_tree(store: Store, src: Path, dest: str = "/", progress: bool | None 
                 _commit(store, batch, inos, report)
                 batch = _Batch()
         _commit(store, batch, inos, report)
+    with store.write() as txn:  # children changed their directories' times: set them last
+        for entry in reversed(entries[1:]):
+            if stat.S_ISDIR(entry.st.st_mode) and entry.rel in inos:
+                inode = namespace.get(txn, inos[entry.rel])
+                txn.put_inode(inos[entry.rel], inode.with_(atime_ns=entry.st.st_atime_ns,
+                                                           mtime_ns=entry.st.st_mtime_ns))
     return report
 
 
@@ -224,6 +234,9 @@ def export_tree(store: Store, path: str, dest: Path, progress: bool | None = Non
     dest_b = os.fsencode(dest)
     if os.path.lexists(dest_b):
         raise HubfsError(f"export destination {dest} already exists: name a new directory", 2)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dest_b))):
+        raise HubfsError(f"the directory to export {dest} into does not exist: create it first",
+                         2)
     with store.read() as txn:
         try:
             top = namespace.resolve(txn, path)

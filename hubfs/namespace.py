@@ -134,8 +134,15 @@ def link(txn: Txn, ino: int, parent: int, name: bytes) -> Inode:
     return inode
 
 
+def _check_existing_name(name: bytes) -> None:
+    """``.`` and ``..`` name no entry of their own: they cannot be removed or moved."""
+    if name in (b".", b".."):
+        raise FsError(errno.EINVAL, f"cannot remove or move {name!r}")
+
+
 def unlink(txn: Txn, parent: int, name: bytes) -> tuple[int, Inode]:
     """Remove a non-directory name; returns the inode, whose ``nlink`` may now be 0."""
+    _check_existing_name(name)
     ino = lookup(txn, parent, name)
     inode = get(txn, ino)
     if stat.S_ISDIR(inode.mode):
@@ -149,6 +156,7 @@ def unlink(txn: Txn, parent: int, name: bytes) -> tuple[int, Inode]:
 
 
 def rmdir(txn: Txn, parent: int, name: bytes) -> int:
+    _check_existing_name(name)
     ino = lookup(txn, parent, name)
     get_dir(txn, ino)
     if txn.dir_has_entries(ino):
@@ -190,6 +198,7 @@ def rename(txn: Txn, old_parent: int, old_name: bytes, new_parent: int, new_name
     Returns the inode a plain rename replaced (its ``nlink`` may now be 0), else ``None``.
     """
     check_name(new_name)
+    _check_existing_name(old_name)
     src = lookup(txn, old_parent, old_name)
     src_inode = get(txn, src)
     get_dir(txn, new_parent)

@@ -233,9 +233,11 @@ class PackWriter:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, [PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, pack_id)], 0)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
             os.unlink(path)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(self.directory) from exc
             raise
         self._pack_id, self._fd, self._end = pack_id, fd, PACK_HEADER.size
         self._unsynced[pack_id] = fd
@@ -254,9 +256,7 @@ class PackWriter:
             except OSError as exc:
                 os.ftruncate(self._fd, offset)  # never leave a torn record behind
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StoreFullError(
-                        f"no space left on the disk holding {self.directory}: free space there "
-                        "(or run `hubfs gc`) and retry; nothing partial was kept") from exc
+                    raise _disk_full(self.directory) from exc
                 raise
             self._end = offset + len(header) + len(stored)
             self._unsynced[self._pack_id] = self._fd
@@ -293,6 +293,11 @@ class PackWriter:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _disk_full(directory: Path) -> StoreFullError:
+    return StoreFullError(f"no space left on the disk holding {directory}: free space there "
+                          "(or run `hubfs gc`) and retry; nothing partial was kept")
 
 
 def _fsync_directory(path: Path) -> None:
@@ -353,31 +358,53 @@ def parse_header(buf: bytes, pack_id: int, offset: int) -> ScannedRecord | None:
 
 
 def scan(fd: int, pack_id: int) -> Iterator[ScannedRecord]:
-    """Records of a pack in order, stopping at the first one that is not intact.
-
-    Reads headers only; payload checksums are the caller's to check.
-    """
+    """Intact records of a pack in order. Reads headers only; payload checksums are the
+    caller's to check. A damaged header is skipped by searching for the next intact one, so
+    one flipped bit costs one record, not the rest of the pack."""
     size = os.fstat(fd).st_size
     head = os.pread(fd, PACK_HEADER.size, 0)
     if len(head) < PACK_HEADER.size or PACK_HEADER.unpack(head)[:2] != (PACK_MAGIC, PACK_VERSION):
         return
     offset = PACK_HEADER.size
-    max_header = header_bytes(-(-(MAX_RECORD_RAW_BYTES + 1024) // CHECK_BLOCK_BYTES))
     while offset < size:
-        first = os.pread(fd, min(header_bytes(16), size - offset), offset)
-        rec = parse_header(first, pack_id, offset)
-        if rec is None and len(first) >= RECORD_FIXED.size:
-            n = RECORD_FIXED.unpack_from(first, 0)[3]
-            if header_bytes(n) <= max_header:
-                rec = parse_header(os.pread(fd, header_bytes(n), offset), pack_id, offset)
-        if rec is None or rec.location.record_end > size:
-            return
+        rec = _record_at(fd, pack_id, offset, size)
+        if rec is None:
+            offset = _next_magic(fd, offset + 1, size)
+            continue
         yield rec
         offset = rec.location.record_end
 
 
+MAX_HEADER_BYTES = header_bytes(-(-(MAX_RECORD_RAW_BYTES + 1024) // CHECK_BLOCK_BYTES))
+RESYNC_WINDOW_BYTES = 1024 * 1024
+
+
+def _record_at(fd: int, pack_id: int, offset: int, size: int) -> ScannedRecord | None:
+    first = os.pread(fd, min(header_bytes(16), size - offset), offset)
+    rec = parse_header(first, pack_id, offset)
+    if rec is None and len(first) >= RECORD_FIXED.size:
+        n = RECORD_FIXED.unpack_from(first, 0)[3]
+        if header_bytes(n) <= MAX_HEADER_BYTES:
+            rec = parse_header(os.pread(fd, header_bytes(n), offset), pack_id, offset)
+    if rec is None or rec.location.record_end > size:
+        return None
+    return rec
+
+
+def _next_magic(fd: int, offset: int, size: int) -> int:
+    """Offset of the next record magic at or after ``offset`` (``size`` if there is none)."""
+    while offset < size:
+        window = os.pread(fd, RESYNC_WINDOW_BYTES + len(RECORD_MAGIC) - 1, offset)
+        found = window.find(RECORD_MAGIC)
+        if found >= 0:
+            return offset + found
+        offset += RESYNC_WINDOW_BYTES
+    return size
+
+
 def valid_end(fd: int) -> int:
-    """Offset just past the last intact record header chain (the pack header if none)."""
+    """Offset just past the last intact record (the pack header if none): what follows is a
+    torn tail that a crash left."""
     end = PACK_HEADER.size
     for rec in scan(fd, 0):
         end = rec.location.record_end

@@ -123,9 +123,13 @@ class Store:
             if (path / MARKER).exists():
                 raise HubfsError(f"{path} is already a hubfs store", 2)
             raise HubfsError(f"{path} exists and is not an empty directory: choose a new path", 2)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for sub in ("index", "packs", "staging"):
-            (path / sub).mkdir(mode=0o700, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for sub in ("index", "packs", "staging"):
+                (path / sub).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise HubfsError(f"cannot create the store at {path}: {exc.strerror}; choose a path "
+                             "you may write to", 2) from None
         settings = {
             "format": FORMAT_VERSION,
             "chunker": (params or ChunkerParams()).to_dict(),
@@ -265,6 +269,9 @@ def _check_marker(path: Path) -> None:
     except PermissionError:
         raise StoreFormatError(f"permission denied reading store {path}: run as its owner "
                                "(stores are private to the user or root who made them)", 2) from None
+    except OSError as exc:
+        raise StoreFormatError(f"cannot read {marker} ({exc.strerror}): it should be a small file "
+                               f'reading {{"format": {FORMAT_VERSION}}}', 2) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreFormatError(f"{marker} is damaged ({exc}): it should read "
                                f'{{"format": {FORMAT_VERSION}}}', 2) from None
@@ -288,6 +295,9 @@ def _take_lock(path: Path) -> int:
         raise StoreBusyError(
             f"store {path} is in use by another hubfs process (pid {holder}), probably a mount: "
             "work through the mount, or `hubfs umount` it first", 4) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # the pid only helps messages; a full disk must not stop the store from opening
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        log.info("cannot record the pid in %s: %s", path / "lock", exc)
     return fd

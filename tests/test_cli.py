@@ -129,10 +129,6 @@ def test_damaged_marker(marker: bytes, store_path: Path, src: Path) -> None:
     (store_path / "HUBFS").write_text('{"format": 1}\n')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: store._check_marker catches FileNotFoundError, PermissionError and parse errors, "
-    "but not other OSErrors: a HUBFS marker that is a directory (IsADirectoryError; likewise "
-    "EIO on a failing disk) escapes as a traceback; fix: catch OSError and report it"))
 def test_marker_that_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "odd" / "HUBFS").mkdir(parents=True)
     assert_user_error(run_cli("ls", tmp_path / "odd"), exitcode=2)
@@ -190,14 +186,6 @@ def test_bad_paths_inside_a_store(store_path: Path, src: Path, tmp_path: Path) -
                       exitcode=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: user mistakes that reach the CLI as FsError/OSError rather than HubfsError print a "
-    "traceback: importer.import_tree calls namespace.make_dirs(dest) unguarded (FsError "
-    "ENOTDIR when --dest names a file, ENAMETOOLONG for a long component); export_tree's "
-    "os.mkdir(dest) raises FileNotFoundError when dest's parent is missing; Store.init's "
-    "mkdir raises OSError where the store cannot be created. Fix: turn these into HubfsError "
-    "in import_tree/export_tree/init (or have cli.main map FsError/OSError with a filename to "
-    "a one-line error)"))
 @pytest.mark.parametrize("case", ["import-dest-is-a-file", "import-dest-name-too-long",
                                   "export-parent-missing", "init-where-nothing-can-be-made"])
 def test_user_mistakes_that_escape_as_tracebacks(case: str, store_path: Path, src: Path,
@@ -214,12 +202,6 @@ def test_user_mistakes_that_escape_as_tracebacks(case: str, store_path: Path, sr
     assert_user_error(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cli.cmd_ls (and cmd_verify's 'damaged file:' lines) print os.fsdecode(name), whose "
-    "surrogate escapes a strict UTF-8 stdout cannot encode: with any en_US.UTF-8-style locale "
-    "(simulated here with PYTHONIOENCODING=utf-8) `hubfs ls` of a non-UTF-8 name dies with "
-    "UnicodeEncodeError; fix: write os.fsencode(...) bytes to sys.stdout.buffer, or print with "
-    "errors='backslashreplace'"))
 def test_ls_of_a_non_utf8_name_under_a_utf8_locale(store_path: Path, tmp_path: Path) -> None:
     tree = tmp_path / "odd"
     tree.mkdir()
@@ -425,13 +407,6 @@ def _fill(disk: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: opening a store for writing on a full disk dies with a raw OSError(ENOSPC) "
-    "traceback: store._take_lock's os.pwrite of the pid into STORE/lock (store.py, after "
-    "ftruncate) is unguarded, and so is the pack header write in PackWriter._start_pack "
-    "(packs.py; reached at the first open and at every pack rollover), which only unlinks "
-    "and re-raises; fix: map ENOSPC/EDQUOT to StoreFullError in both (the pid is only "
-    "informative, so its write may also just be skipped on failure)"))
 def test_writable_open_of_a_store_on_a_full_disk(small_disk: Path, src: Path) -> None:
     store_path = small_disk / "store"
     run_cli("init", store_path, check=True)

@@ -143,11 +143,6 @@ def test_garbage_is_a_value_error(garbage: bytes, codec: Codec, raw_len: int) ->
         decode(garbage, codec, raw_len)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: compression.decode trusts the zstd frame header's content size: python-zstandard's "
-    "decompress() ignores max_output_size when the header states a size and reserves a buffer "
-    "of that size, so a damaged Frame_Header_Descriptor that claims ~7 EB raises MemoryError, "
-    "which escapes decode's ValueError contract (and verify's except clause)"))
 def test_decode_never_allocates_what_a_damaged_header_claims() -> None:
     data = b"abc" * 100
     stored = bytearray(encode(data, Codec.ZSTD))

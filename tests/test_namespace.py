@@ -161,13 +161,6 @@ def test_unlink_and_rmdir_errors(txn: Txn) -> None:
     assert nlink(txn, ROOT_INO) == 2 and names(txn, ROOT_INO) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: namespace.rmdir(parent, b'.') and rename(parent, b'.', other, name) resolve the old "
-    "name with lookup(), which maps b'.' to the parent itself, and then index "
-    "txn.dirent(parent, b'.')[1], which is None: TypeError instead of FsError. The kernel "
-    "filters these names before FUSE, but the namespace promises FsError; fix: reject "
-    "b'.'/b'..' as the old name in rmdir/unlink/rename (EINVAL; rmdir(2) gives EINVAL for "
-    "'.' and ENOTEMPTY for '..')"))
 def test_dot_names_are_errors_not_crashes(txn: Txn) -> None:
     d = mkdir(txn, ROOT_INO, b"d")
     mkdir(txn, ROOT_INO, b"e")

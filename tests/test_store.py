@@ -391,10 +391,6 @@ def test_reimport_of_a_changed_tree_replaces_content(store: Store, tmp_path: Pat
     assert store.stats()["unreferenced_bytes"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: importer._apply creates each directory with the source's times, then every child "
-    "created in it (namespace.create -> _touch_dir) sets its mtime to now; nothing restores "
-    "it, so export (and a mount) show the import time for every non-empty directory"))
 def test_import_keeps_directory_mtimes(store: Store, tmp_path: Path) -> None:
     src = tmp_path / "src"
     build_tree(src)
@@ -523,13 +519,6 @@ def test_missing_and_truncated_packs(tmp_path: Path) -> None:
 
 
 @pytest.mark.damaged_store
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: verify finds records with packs.scan(), which stops at the first record whose header "
-    "fails its checksum, so every later record in that pack counts as damaged: one flipped "
-    "header byte makes verify report all files stored after it (here /b and /c, which read "
-    "back intact) as damaged, and tells the user to delete them. Fix: check each index "
-    "location directly (parse_header at loc.offset + payload sums), or resync the scan at the "
-    "next intact RECORD_MAGIC header"))
 def test_damaged_record_header_blames_only_its_own_files(store: Store, store_path: Path,
                                                         tmp_path: Path) -> None:
     src = tmp_path / "src"
