@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mounted
-from tests.test_hf_server import *  # noqa: F403  (the scenarios to rerun)
-from tests.test_torch_tf_clients import *  # noqa: F403
+from tests.test_hf_server import *
+from tests.test_torch_tf_clients import *
 
 
 @pytest.fixture
