@@ -49,6 +49,8 @@ class ChunkSpan:
 
 # Bytes chunked per step when streaming a file: bounds memory whatever the file size.
 WINDOW_BYTES = 64 * 1024 * 1024
+# Where a still-growing file ends, as far as chunking knows.
+UNKNOWN_END = 1 << 62
 
 
 class Chunker:
@@ -67,39 +69,50 @@ class Chunker:
         view = memoryview(buf)
         return [span for span, _data in self.stream(lambda o, n: view[o : o + n], len(view))]
 
-    def stream(self, read: Callable[[int, int], bytes | memoryview], size: int
-               ) -> Iterator[tuple[ChunkSpan, memoryview]]:
+    def stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
+               start: int = 0, final: bool = True) -> Iterator[tuple[ChunkSpan, memoryview]]:
         """Chunks of a file of ``size`` bytes read through ``read(offset, length)``.
 
         Each window is cut by CDC and every chunk but the window's last is final: FastCDC's cut
         points depend only on the bytes since the previous cut, so restarting at a final cut
-        cuts exactly as one pass over the whole file would. A short read ends the file there.
+        (``start``) cuts exactly as one pass over the whole file would. A short read ends the
+        file there. With ``final`` False the file is still growing: the chunk running into the
+        end of what is written is held back, and tensor boundaries come from the header even
+        where the tensors are not written yet.
         """
-        for seg in self._segments(read, size):
-            pos = seg.start
-            while pos < seg.end:
-                end = min(pos + WINDOW_BYTES, seg.end)
+        for seg in self._segments(read, size, final):
+            if seg.end <= start:
+                continue
+            pos = max(seg.start, start)
+            avail = min(seg.end, size)
+            while pos < avail:
+                end = min(pos + WINDOW_BYTES, avail)
                 data = memoryview(read(pos, end - pos))
-                if len(data) < end - pos:
-                    end = pos + len(data)
-                    seg = TensorSpan(seg.start, end, seg.elem_width)
                 if not data:
                     return
+                if len(data) < end - pos:  # the file shrank meanwhile: it ends here
+                    end = avail = pos + len(data)
+                    if final:
+                        seg = TensorSpan(seg.start, end, seg.elem_width)
                 cuts = list(self._cdc.cut_buf(data))
-                if end < seg.end and len(cuts) > 1:
-                    cuts.pop()  # runs to the window's edge, not to a real cut point
+                growing = end == avail < seg.end
+                if end < seg.end and (len(cuts) > 1 or growing):
+                    cuts.pop()  # runs to the edge of what was read, not to a real cut point
                 for cut in cuts:
                     yield (ChunkSpan(pos + cut.offset, cut.length, seg.elem_width),
                            data[cut.offset : cut.offset + cut.length])
                 pos += sum(cut.length for cut in cuts)
+                if growing:
+                    return
 
-    def _segments(self, read: Callable[[int, int], bytes | memoryview], size: int
-                  ) -> list[TensorSpan]:
+    def _segments(self, read: Callable[[int, int], bytes | memoryview], size: int,
+                  final: bool) -> list[TensorSpan]:
         if size == 0:
             return []
-        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read)
+        end = size if final else UNKNOWN_END
+        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, final)
         if not layout:
-            return [TensorSpan(0, size, 0)]
+            return [TensorSpan(0, end, 0)]
         segments: list[TensorSpan] = []
         pos = 0
         for span in layout:
@@ -109,6 +122,6 @@ class Chunker:
                 segments.append(TensorSpan(pos, span.start, 0))
             segments.append(span)
             pos = span.end
-        if pos < size:
-            segments.append(TensorSpan(pos, size, 0))
+        if pos < end:
+            segments.append(TensorSpan(pos, end, 0))
         return segments

@@ -177,8 +177,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if (args.multi_user or shared) and not args.allow_other:
         raise HubfsError("--multi-user and --shared-group serve other users: add --allow-other",
                          2)
+    if args.ingest_step_mib < 1:
+        raise HubfsError("--ingest-step-mib must be at least 1", 2)
     mount(args.store, args.mountpoint, foreground=args.foreground,
-          allow_other=args.allow_other, options=args.o, policy=policy)
+          allow_other=args.allow_other, options=args.o, policy=policy,
+          ingest_step_bytes=args.ingest_step_mib << 20)
     return 0
 
 
@@ -290,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "everything whatever their umask")
     p.add_argument("--shared-others", choices=["none", "read"], default="none",
                    help="what non-members get in shared/ (default: none)")
+    p.add_argument("--ingest-step-mib", type=int, default=64,
+                   help="store a file being written every this many MiB, so a download never "
+                   "needs two full copies on disk (default 64)")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="store everything, unmount, wait for the daemon")

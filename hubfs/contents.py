@@ -75,6 +75,14 @@ def register(txn: Txn, prepared: PreparedContent) -> None:
     txn.put_content(prepared.content_id, prepared.table)
 
 
+def register_chunks(txn: Txn, chunks: dict[bytes, ChunkLocation]) -> None:
+    """Index chunks that no content holds yet (a file's front, ingested while it is still
+    being written); they start at refcount 0 and must be pinned against gc by the caller."""
+    for chunk_id, loc in chunks.items():
+        if txn.chunk(chunk_id) is None:
+            txn.put_chunk(chunk_id, ChunkEntry(loc, 0))
+
+
 def add_ref(txn: Txn, cid: bytes) -> None:
     if txn.content(cid) is None:
         raise IntegrityError(f"content {cid.hex()[:16]} is not in the index", None)

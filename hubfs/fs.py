@@ -238,7 +238,11 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.fs.needs_copy(fh):
             await self._thread(self.fs.prepare_write, fh)
-        return self.fs.write(fh, off, buf)
+        written = self.fs.write(fh, off, buf)
+        ino = self.fs.front_due(fh)
+        if ino is not None:  # the writer waits for this: backpressure, and bounded staging
+            await self._thread(self.fs.ingest_front, ino)
+        return written
 
     async def flush(self, fh: int) -> None:
         # Nothing to do at close(): data is stored at release. ENOSYS tells the kernel to stop

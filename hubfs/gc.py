@@ -60,7 +60,10 @@ def collect(store: Store, progress: Callable[[int, int], None] | None = None,
     with store.ingest_gate.exclusive():
         ingestor.forget_pending()  # nothing is between prepare and commit now
         with store.write() as txn:
-            dead = [cid for cid, entry in txn.chunks() if entry.refcount == 0]
+            with store.pinned_lock:
+                pinned = set(store.pinned)
+            dead = [cid for cid, entry in txn.chunks()
+                    if entry.refcount == 0 and cid not in pinned]
             for cid in dead:
                 txn.delete_chunk(cid)
         report.chunks_dropped = len(dead)

@@ -61,14 +61,31 @@ class Ingestor:
                                    progress)
 
     def prepare_stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
-                       progress: Callable[[int], None] | None = None) -> PreparedContent:
-        """Chunk a file and append the chunks the store lacks; the index is not changed."""
-        ids: list[bytes] = []
-        lengths: list[int] = []
+                       progress: Callable[[int], None] | None = None,
+                       prefix: tuple[list[bytes], list[int]] = ([], [])) -> PreparedContent:
+        """Chunk a file and append the chunks the store lacks; the index is not changed.
+
+        ``prefix`` is the file's front, already ingested as chunks (ids, lengths) while it was
+        being written; chunking goes on from its end."""
+        ids, lengths = list(prefix[0]), list(prefix[1])
+        new, new_bytes = self.prepare_chunks(read, size, sum(lengths), True, ids, lengths,
+                                             progress)
+        total = sum(lengths)
+        if total == 0:
+            return EMPTY
+        table = ContentTable(total, tuple(ids), tuple(lengths))
+        return PreparedContent(content_id(total, ids), table, new, new_bytes)
+
+    def prepare_chunks(self, read: Callable[[int, int], bytes | memoryview], size: int,
+                       start: int, final: bool, ids: list[bytes], lengths: list[int],
+                       progress: Callable[[int], None] | None = None
+                       ) -> tuple[dict[bytes, ChunkLocation], int]:
+        """Chunk from ``start`` (a final cut), appending ids and lengths; returns the chunks
+        this call appended to packs (or found pending) and the stored bytes it added."""
         new: dict[bytes, ChunkLocation] = {}
         counts = [0]  # new stored bytes
         batch: list[tuple[bytes, ChunkSpan, memoryview]] = []
-        for span, data in self._chunker().stream(read, size):
+        for span, data in self._chunker().stream(read, size, start, final):
             chunk_id = blake3.blake3(data).digest()
             ids.append(chunk_id)
             lengths.append(span.length)
@@ -77,11 +94,7 @@ class Ingestor:
                 self._store_missing(batch, new, counts, progress)
                 batch = []
         self._store_missing(batch, new, counts, progress)
-        total = sum(lengths)
-        if total == 0:
-            return EMPTY
-        table = ContentTable(total, tuple(ids), tuple(lengths))
-        return PreparedContent(content_id(total, ids), table, new, counts[0])
+        return new, counts[0]
 
     def _store_missing(self, batch: list[tuple[bytes, ChunkSpan, memoryview]],
                        new: dict[bytes, ChunkLocation], counts: list[int],
@@ -112,8 +125,9 @@ class Ingestor:
         with self._pending_lock:
             self._pending.clear()
 
-    def committed(self, prepared: PreparedContent) -> None:
+    def committed(self, chunks: PreparedContent | dict[bytes, ChunkLocation]) -> None:
         """Forget pending chunks once the index holds them."""
+        ids = chunks.new_chunks if isinstance(chunks, PreparedContent) else chunks
         with self._pending_lock:
-            for chunk_id in prepared.new_chunks:
+            for chunk_id in ids:
                 self._pending.pop(chunk_id, None)

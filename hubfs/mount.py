@@ -29,6 +29,7 @@ from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
 from .policy import HOME_DIR, Policy
+from .staging import INGEST_STEP_BYTES
 from .store import Store
 from .vfs import FileSystem
 
@@ -103,12 +104,13 @@ def fuse_options(store: Path, allow_other: bool, extra: list[str]) -> set[str]:
 
 
 def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_other: bool = False,
-          options: list[str] | None = None, policy: Policy | None = None) -> None:
+          options: list[str] | None = None, policy: Policy | None = None,
+          ingest_step_bytes: int = INGEST_STEP_BYTES) -> None:
     check_mountpoint(store, mountpoint)
     opts = fuse_options(store, allow_other, options or [])
     policy = policy or Policy()
     if foreground:
-        serve(store, mountpoint, opts, policy, ready=lambda msg: None)
+        serve(store, mountpoint, opts, policy, ingest_step_bytes, ready=lambda msg: None)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -123,7 +125,7 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_othe
                 os.write(write_end, message.encode())
                 os.close(write_end)
 
-            serve(store, mountpoint, opts, policy, ready)
+            serve(store, mountpoint, opts, policy, ingest_step_bytes, ready)
         except BaseException:
             log.exception("hubfs daemon failed")
             code = 1
@@ -156,7 +158,7 @@ def _detach(store: Path) -> None:
 
 
 def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
-          ready: Callable[[str], None]) -> None:
+          ingest_step_bytes: int, ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
     try:
         store = Store(store_path)
@@ -164,7 +166,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         ready(exc.message)
         return
     try:
-        fs = FileSystem(store, policy)
+        fs = FileSystem(store, policy, ingest_step_bytes)
         fs.recover()
         ops = Operations(fs)
         try:

@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +86,9 @@ class Store:
         self._lock_fd = -1
         # Held shared from an ingest's first index lookup to its commit; gc takes it alone.
         self.ingest_gate = IngestGate()
+        # Chunks at refcount 0 that a file being written still needs: gc must keep them.
+        self.pinned: Counter[bytes] = Counter()
+        self.pinned_lock = threading.Lock()
         _check_marker(path)
         if not readonly:
             self._lock_fd = _take_lock(path)

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # The safetensors format caps its JSON header at 100 MB; anything larger is not one.
 MAX_HEADER_BYTES = 100_000_000
 HEADER_LEN = struct.Struct("<Q")
+MAX_FILE_BYTES = 1 << 50
 # Read first when sniffing a file: enough for the header of most checkpoints in one read.
 HEADER_PROBE_BYTES = 1024 * 1024
 
@@ -41,14 +42,26 @@ class TensorSpan:
     elem_width: int
 
 
+def header_incomplete(head: memoryview | bytes, size: int) -> bool:
+    """Whether a file being written starts like a safetensors header not written in full yet:
+    its tensor boundaries are not known, so nothing of it should be chunked yet."""
+    if len(head) < HEADER_LEN.size + 1:
+        return True
+    if head[HEADER_LEN.size] != ord("{"):
+        return False
+    (header_len,) = HEADER_LEN.unpack_from(head, 0)
+    return 0 < header_len <= MAX_HEADER_BYTES and HEADER_LEN.size + header_len > size
+
+
 def parse_layout(head: memoryview | bytes, size: int | None = None,
-                 read: Callable[[int, int], bytes | memoryview] | None = None
-                 ) -> list[TensorSpan] | None:
+                 read: Callable[[int, int], bytes | memoryview] | None = None,
+                 complete: bool = True) -> list[TensorSpan] | None:
     """Return the header as one span (width 0) followed by every tensor, sorted by offset.
 
     ``head`` is the start of a file of ``size`` bytes (default: ``head`` is the whole file);
     ``read(offset, length)`` fetches a header longer than ``head``. ``None`` when the bytes are
-    not a well-formed safetensors file.
+    not a well-formed safetensors file. With ``complete`` False the file is still being
+    written, so tensors may lie beyond ``size`` (its header must be there already).
     """
     size = len(head) if size is None else size
     # Sniff rather than trust names: Hugging Face blobs are named by hash, not ".safetensors".
@@ -85,7 +98,7 @@ def parse_layout(head: memoryview | bytes, size: int | None = None,
         ):
             return None
         begin, end = offsets
-        if not 0 <= begin <= end or data_start + end > size:
+        if not 0 <= begin <= end or data_start + end > (size if complete else MAX_FILE_BYTES):
             return None
         dtype = entry.get("dtype")
         width = DTYPE_WIDTH.get(dtype, 0) if isinstance(dtype, str) else 0

@@ -28,28 +28,18 @@ from pathlib import Path
 
 from . import contents, namespace
 from .contents import PreparedContent
-from .errors import FsError
+from .errors import FsError, IntegrityError
 from .index import ROOT_INO, Inode, Txn
 from .policy import HOME_DIR, HOME_MODE, HOME_ROOT_MODE, SHARED_DIR, Policy, user_name
+from .staging import INGEST_STEP_BYTES, SIDECAR_SUFFIX, Staging
 from .store import Store
+from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
 
 log = logging.getLogger(__name__)
 
 XATTR_VALUE_MAX_BYTES = 64 * 1024
 COPY_BYTES = 4 * 1024 * 1024
 BLOCK_BYTES = 512
-
-
-@dataclass
-class Staging:
-    """A file's bytes while it is being written."""
-
-    path: Path
-    fd: int
-    size: int
-    mtime_ns: int
-    generation: int = 0  # bumped by every change, so a commit can tell it raced a write
-    durable: bool = False
 
 
 @dataclass
@@ -82,12 +72,14 @@ class Attributes:
 
 
 class FileSystem:
-    def __init__(self, store: Store, policy: Policy | None = None) -> None:
+    def __init__(self, store: Store, policy: Policy | None = None,
+                 ingest_step_bytes: int = INGEST_STEP_BYTES) -> None:
         if store.ingestor is None:
             raise ValueError("the filesystem needs a writable store")
         self.store = store
         self.ingestor = store.ingestor
         self.policy = policy or Policy()
+        self.ingest_step_bytes = ingest_step_bytes
         self.staging_dir = store.path / "staging"
         self._states: dict[int, InodeState] = {}
         self._handles: dict[int, Handle] = {}
@@ -267,13 +259,13 @@ class FileSystem:
             if state:
                 state.staging = None
             self._states.pop(ino, None)
+        if staging is not None:
+            self._discard(staging)
         with self.store.write() as txn:
             inode = txn.inode(ino)
             if inode is None or inode.nlink > 0 or ino == ROOT_INO:
                 return
             namespace.remove_inode(txn, ino)
-        if staging is not None:
-            _discard_staging(staging)
 
     # -- attributes
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
@@ -316,10 +308,9 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         staging = self._staging_for_write(ino, inode, keep=size > 0)
         with self._lock:
-            os.ftruncate(staging.fd, size)
-            staging.size = size
-            staging.mtime_ns = namespace.now_ns()
-            staging.generation += 1
+            if size < staging.prefix_len:
+                self._unpin(staging.restore_front(self._chunk_bytes))
+            staging.truncate(size, namespace.now_ns())
             idle = self._state(ino).writers == 0
         if idle:  # truncate(2) by path: nobody will release this file, so commit now
             self.commit(ino)
@@ -416,20 +407,16 @@ class FileSystem:
             state = self._state(ino)
             if state.staging is not None:
                 return state.staging
-        path = self.staging_dir / f"{ino:016x}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        size = 0
+        staging = Staging.create(self.staging_dir / f"{ino:016x}", inode.mtime_ns)
         try:
             if keep and inode.size:
-                size = self._copy_content(inode.content_id, inode.size, fd)
+                staging.size = self._copy_content(inode.content_id, inode.size, staging.fd)
         except BaseException:
-            os.close(fd)
-            os.unlink(path)
+            staging.discard()
             raise
-        staging = Staging(path, fd, size, inode.mtime_ns)
         with self._lock:
             if state.staging is not None:  # another thread won the race
-                _discard_staging(staging)
+                staging.discard()
                 return state.staging
             state.staging = staging
         return staging
@@ -448,12 +435,78 @@ class FileSystem:
         staging = state.staging
         if staging is None:
             raise FsError(errno.EIO, "write before prepare_write")
-        written = os.pwrite(staging.fd, data, offset)
         with self._lock:
-            staging.size = max(staging.size, offset + written)
-            staging.mtime_ns = namespace.now_ns()
-            staging.generation += 1
-        return written
+            if offset < staging.prefix_len:
+                self._unpin(staging.restore_front(self._chunk_bytes))
+            return staging.write(offset, data, namespace.now_ns())
+
+    def front_due(self, fh: int) -> int | None:
+        """The inode whose written front should be ingested now (see ``ingest_front``)."""
+        ino = self.handle(fh).ino
+        state = self._states.get(ino)
+        staging = state.staging if state else None
+        if staging is None or staging.ingesting:
+            return None
+        return ino if staging.size - staging.prefix_len >= self.ingest_step_bytes else None
+
+    def ingest_front(self, ino: int) -> None:
+        """Store the finished front of a file still being written and cut it out of its
+        staging file, so a download never needs two full copies on disk (run in a thread)."""
+        with self._lock:
+            state = self._states.get(ino)
+            staging = state.staging if state else None
+            if staging is None or staging.ingesting or state is None:
+                return
+            staging.ingesting = True
+            start, size, overwrites = staging.prefix_len, staging.size, staging.overwrites
+        try:
+            def read(offset: int, length: int) -> bytes:
+                return staging.read(offset, min(length, size - offset), self._chunk_bytes)
+
+            if header_incomplete(read(0, HEADER_PROBE_BYTES), size):
+                return  # tensor boundaries unknown until the whole header is written
+            ids: list[bytes] = []
+            lengths: list[int] = []
+            with self.store.ingest_gate.shared():
+                new, _ = self.ingestor.prepare_chunks(read, size, start, False, ids, lengths)
+                if not ids:
+                    return
+                with self.store.write() as txn:
+                    contents.register_chunks(txn, new)
+                self._pin(ids)
+            self.ingestor.committed(new)
+            with self._lock:
+                if (state.staging is not staging or staging.overwrites != overwrites
+                        or staging.prefix_len != start):
+                    self._unpin(ids)  # a write changed those bytes meanwhile: keep them
+                    return
+                staging.add_front(ids, lengths)
+            log.debug("inode %d: front stored up to %d", ino, staging.prefix_len)
+        finally:
+            staging.ingesting = False
+
+    def _chunk_bytes(self, chunk_id: bytes, lo: int, hi: int) -> bytes:
+        with self.store.read() as txn:
+            entry = txn.chunk(chunk_id)
+        if entry is None:
+            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} of a file being written is gone "
+                                 "from the index; run `hubfs verify`", chunk_id)
+        return self.store.reader.chunk_range(chunk_id, entry.location, lo, hi)
+
+    def _pin(self, ids: list[bytes]) -> None:
+        with self.store.pinned_lock:
+            self.store.pinned.update(ids)
+
+    def _unpin(self, ids: list[bytes]) -> None:
+        with self.store.pinned_lock:
+            self.store.pinned.subtract(ids)
+            for chunk_id in ids:
+                if self.store.pinned[chunk_id] <= 0:
+                    del self.store.pinned[chunk_id]
+
+    def _discard(self, staging: Staging) -> None:
+        staging.discard()
+        self._unpin(staging.prefix_ids)
 
     def read(self, fh: int, offset: int, size: int, decode: bool = True) -> bytes | None:
         """Bytes of an open file; ``None`` when ``decode`` is False and a chunk needs
@@ -462,7 +515,7 @@ class FileSystem:
         state = self._states.get(handle.ino)
         staging = state.staging if state else None
         if staging is not None:
-            return os.pread(staging.fd, size, offset)
+            return staging.read(offset, size, self._chunk_bytes)
         with self._lock:
             content_id = self._current_content(handle)
         if decode:
@@ -479,12 +532,8 @@ class FileSystem:
         """Make written data durable: the staging file and its name (``recover`` finds it)."""
         state = self._states.get(self.handle(fh).ino)
         staging = state.staging if state else None
-        if staging is None:
-            return
-        os.fsync(staging.fd)
-        if not staging.durable:
-            _fsync_dir(self.staging_dir)
-            staging.durable = True
+        if staging is not None:
+            staging.sync()
 
     def release(self, fh: int) -> int | None:
         """Close a handle; returns the inode when it now needs ``commit`` (run in a thread)."""
@@ -515,9 +564,13 @@ class FileSystem:
         try:
             with self.store.read() as txn:
                 alive = (txn.inode(ino) or Inode(0, 0, 0, nlink=0)).nlink > 0
+            while staging.ingesting:  # a front ingest still runs: let it finish first
+                time.sleep(0.01)
             if alive:
                 with self.store.ingest_gate.shared():
-                    prepared = self.ingestor.prepare_fd(staging.fd)
+                    prepared = self.ingestor.prepare_stream(
+                        lambda o, n: staging.read(o, n, self._chunk_bytes), staging.size,
+                        prefix=(staging.prefix_ids, staging.prefix_lengths))
                     with self.store.write() as txn:
                         contents.register(txn, prepared)
                         inode = namespace.set_content(txn, ino, prepared.content_id,
@@ -534,7 +587,7 @@ class FileSystem:
                 else:
                     done = False
         if done:
-            _discard_staging(staging)
+            self._discard(staging)
         log.debug("committed inode %d (%s)", ino, "done" if done else "staging kept")
         if not alive:
             self._remove_if_unused(ino)
@@ -554,6 +607,8 @@ class FileSystem:
     def recover(self) -> None:
         """Ingest staging files a crash left behind, and drop inodes no name refers to."""
         for entry in sorted(os.scandir(self.staging_dir), key=lambda e: e.name):
+            if entry.name.endswith(SIDECAR_SUFFIX):
+                continue  # read with its staging file
             try:
                 ino = int(entry.name, 16)
             except ValueError:
@@ -562,18 +617,20 @@ class FileSystem:
                 continue
             with self.store.read() as txn:
                 inode = txn.inode(ino)
-            if inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0:
-                log.warning("dropping staging file %s: its inode is gone", entry.path)
-                os.unlink(entry.path)
+                staging = Staging.reopen(Path(entry.path))
+                missing = [c for c in staging.prefix_ids if txn.chunk(c) is None]
+            if inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0 or missing:
+                why = f"{len(missing)} of its stored chunks are gone" if missing else \
+                    "its inode is gone"
+                log.warning("dropping staging file %s: %s", entry.path, why)
+                staging.discard()
                 continue
-            fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
-            st = os.fstat(fd)
+            self._pin(staging.prefix_ids)
             with self._lock:
-                self._state(ino).staging = Staging(Path(entry.path), fd, st.st_size,
-                                                   st.st_mtime_ns)
+                self._state(ino).staging = staging
             self.commit(ino)
             log.warning("recovered %d bytes written to inode %d before the last crash",
-                        st.st_size, ino)
+                        staging.size, ino)
         with self.store.read() as txn:
             orphans = [ino for ino, inode in txn.inodes() if inode.nlink == 0 and ino != ROOT_INO]
         if orphans:
@@ -585,19 +642,4 @@ class FileSystem:
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.store.path)
 
-
-def _discard_staging(staging: Staging) -> None:
-    os.close(staging.fd)
-    try:
-        os.unlink(staging.path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

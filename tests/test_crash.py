@@ -125,14 +125,15 @@ def check_round(mnt: Path, journals: Path) -> int:
 
 
 @pytest.mark.allow_warnings  # recovery logs what it recovered, as a warning
-def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step_mib", [64, 1], ids=["whole-files", "fronts-stored-while-writing"])
+def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, step_mib: int) -> None:
     store, mnt, journals = tmp_path / "store", tmp_path / "mnt", tmp_path / "journals"
     journals.mkdir()
     Store.init(store)
     rng = random.Random(7)
     checked = 0
     for round_no in range(ROUNDS):
-        mount_store(store, mnt)
+        mount_store(store, mnt, "--ingest-step-mib", str(step_mib))
         try:
             checked += check_round(mnt, journals)  # what the previous round acknowledged
             writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), str(journals),
