@@ -85,7 +85,7 @@ def entry(attrs: Attributes) -> pyfuse3.EntryAttributes:
     out.st_blocks = -(-attrs.size // 512)
     out.st_atime_ns = inode.atime_ns
     out.st_mtime_ns = attrs.mtime_ns
-    out.st_ctime_ns = inode.ctime_ns
+    out.st_ctime_ns = attrs.ctime_ns
     return out
 
 

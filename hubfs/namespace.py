@@ -60,6 +60,8 @@ def get_dir(txn: Txn, ino: int) -> Inode:
 
 def lookup(txn: Txn, parent: int, name: bytes) -> int:
     get_dir(txn, parent)
+    if len(name) > NAME_MAX_BYTES:
+        raise FsError(errno.ENAMETOOLONG)
     if name == b".":
         return parent
     if name == b"..":

@@ -1,6 +1,7 @@
 """A file being written through the mount: its bytes until they are stored.
 
-The bytes live in ``STORE/staging/<ino>``. While a file grows front to back (every download),
+The bytes live in ``STORE/staging/<ino>-<stamp>`` (a new name each time, so discarding an old
+staging can never remove its successor's file). While a file grows front to back (every download),
 its finished front is ingested every ``INGEST_STEP_BYTES`` and cut out of the staging file
 with ``fallocate(PUNCH_HOLE)``, so a download never needs two full copies on disk: the front is
 then the list of chunks in ``prefix_ids`` (indexed, pinned against gc), also written to the
@@ -10,7 +11,8 @@ crash recovers the front from the sidecar and the rest from the staging file.
 Sidecar layout: 8-byte magic ``HUBFSPFX``, then per chunk 32 bytes of chunk id and a u32 LE
 length. A torn last entry (a crash mid-append) is ignored: its bytes were not punched yet.
 
-Callers serialise changes with the filesystem's lock; ``read`` may run in any thread.
+Callers serialise changes with the filesystem's lock. Readers in other threads hold ``in_use``:
+a discarded staging closes its file only when the last of them is done.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +59,7 @@ class Staging:
     fd: int
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
     generation: int = 0  # bumped by every change, so a commit can tell it raced a write
     overwrites: int = 0  # writes below the end and truncations: front ingests racing them stop
     durable: bool = False
@@ -62,16 +68,28 @@ class Staging:
     prefix_lengths: list[int] = field(default_factory=list)
     prefix_starts: list[int] = field(default_factory=list)
     prefix_len: int = 0
+    _users: int = 0
+    _discarded: bool = False
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
 
     @classmethod
-    def create(cls, path: Path, mtime_ns: int) -> Staging:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+    def create(cls, directory: Path, ino: int, mtime_ns: int) -> Staging:
+        path = directory / f"{ino:016x}-{time.time_ns():x}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return cls(path, fd, 0, mtime_ns)
+
+    @staticmethod
+    def inode_of(name: str) -> int | None:
+        """The inode a staging file name belongs to (``None``: not a staging file)."""
+        ino, sep, stamp = name.partition("-")
+        try:
+            return int(ino, 16) if sep and int(stamp, 16) >= 0 else None
+        except ValueError:
+            return None
 
     @classmethod
     def reopen(cls, path: Path) -> Staging:
@@ -123,16 +141,29 @@ class Staging:
         if offset < self.size:
             self.overwrites += 1
         self.size = max(self.size, offset + written)
-        self.mtime_ns = now_ns
+        self.mtime_ns = self.ctime_ns = now_ns
         self.generation += 1
         return written
 
-    def truncate(self, size: int, now_ns: int) -> None:
+    def truncate(self, size: int, now_ns: int) -> list[bytes]:
+        """Cut the file to ``size`` (the caller has restored the front if ``size`` lies inside
+        it); returns the front's chunk ids when truncating to nothing drops the front."""
+        released: list[bytes] = []
+        if size == 0 and self.prefix_ids:
+            released = self._drop_front()
         os.ftruncate(self.fd, size)
         self.size = size
-        self.mtime_ns = now_ns
+        self.mtime_ns = self.ctime_ns = now_ns
         self.generation += 1
         self.overwrites += 1
+        return released
+
+    def _drop_front(self) -> list[bytes]:
+        self.sidecar.unlink(missing_ok=True)
+        released = self.prefix_ids
+        self.prefix_ids, self.prefix_lengths, self.prefix_starts = [], [], []
+        self.prefix_len = 0
+        return released
 
     def add_front(self, ids: list[bytes], lengths: list[int]) -> None:
         """Record newly ingested front chunks durably, then cut their bytes out of the file."""
@@ -164,11 +195,7 @@ class Staging:
                                            self.prefix_lengths, strict=True):
             os.pwrite(self.fd, chunk_bytes(chunk_id, 0, length), start)
         os.fsync(self.fd)
-        self.sidecar.unlink(missing_ok=True)
-        released = self.prefix_ids
-        self.prefix_ids, self.prefix_lengths, self.prefix_starts = [], [], []
-        self.prefix_len = 0
-        return released
+        return self._drop_front()
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -176,10 +203,33 @@ class Staging:
             _fsync_dir(self.path.parent)
             self.durable = True
 
+    @contextmanager
+    def in_use(self) -> Iterator[bool]:
+        """Hold the file open while reading it; yields False if it was discarded already."""
+        with self._guard:
+            alive = not self._discarded
+            self._users += alive
+        try:
+            yield alive
+        finally:
+            if alive:
+                with self._guard:
+                    self._users -= 1
+                    close = self._discarded and self._users == 0
+                if close:
+                    os.close(self.fd)
+
     def discard(self) -> None:
-        os.close(self.fd)
+        """Remove the files now; close the descriptor once no reader holds it."""
+        with self._guard:
+            if self._discarded:
+                return
+            self._discarded = True
+            close = self._users == 0
         for path in (self.path, self.sidecar):
             path.unlink(missing_ok=True)
+        if close:
+            os.close(self.fd)
 
 
 def _fsync_dir(path: Path) -> None:

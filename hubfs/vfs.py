@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import contents, namespace
@@ -50,6 +50,8 @@ class InodeState:
     handles: int = 0
     writers: int = 0
     staging: Staging | None = None
+    # Held while a staging is made (which may copy the stored content): one per inode at a time.
+    create_lock: threading.Lock = field(default_factory=threading.Lock)
     kernel_content: bytes | None = None  # content the kernel may hold in its page cache
     committing: bool = False
 
@@ -69,6 +71,7 @@ class Attributes:
     inode: Inode
     size: int
     mtime_ns: int
+    ctime_ns: int
 
 
 class FileSystem:
@@ -142,8 +145,9 @@ class FileSystem:
         state = self._states.get(ino)
         staging = state.staging if state else None
         if staging is not None:
-            return Attributes(ino, inode, staging.size, staging.mtime_ns)
-        return Attributes(ino, inode, inode.size, inode.mtime_ns)
+            return Attributes(ino, inode, staging.size, staging.mtime_ns,
+                              max(inode.ctime_ns, staging.ctime_ns))
+        return Attributes(ino, inode, inode.size, inode.mtime_ns, inode.ctime_ns)
 
     def _counted(self, ino: int) -> Attributes:
         """Attributes of an inode the kernel now holds one more lookup reference to."""
@@ -273,6 +277,11 @@ class FileSystem:
                 mtime_ns: int | None = None) -> Attributes:
         if size is not None:
             self.truncate(ino, size)
+        if mtime_ns is not None:
+            with self._lock:  # before the transaction, so a commit after it writes this mtime
+                state = self._states.get(ino)
+                if state and state.staging:
+                    state.staging.mtime_ns = mtime_ns
         now = namespace.now_ns()
         with self.store.write() as txn:
             inode = namespace.get(txn, ino)
@@ -292,11 +301,6 @@ class FileSystem:
                 changes["mtime_ns"] = mtime_ns
             inode = inode.with_(**changes)
             txn.put_inode(ino, inode)
-        if mtime_ns is not None:
-            with self._lock:
-                state = self._states.get(ino)
-                if state and state.staging:
-                    state.staging.mtime_ns = mtime_ns
         return self._overlay(ino, inode)
 
     def truncate(self, ino: int, size: int) -> None:
@@ -308,15 +312,16 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         staging = self._staging_for_write(ino, inode, keep=size > 0)
         with self._lock:
-            if size < staging.prefix_len:
+            if 0 < size < staging.prefix_len:
                 self._unpin(staging.restore_front(self._chunk_bytes))
-            staging.truncate(size, namespace.now_ns())
+            self._unpin(staging.truncate(size, namespace.now_ns()))
             idle = self._state(ino).writers == 0
         if idle:  # truncate(2) by path: nobody will release this file, so commit now
             self.commit(ino)
 
     # -- xattrs
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        _check_xattr_name(name)
         if len(value) > XATTR_VALUE_MAX_BYTES:
             raise FsError(errno.E2BIG)
         with self.store.write() as txn:
@@ -325,6 +330,7 @@ class FileSystem:
             txn.put_inode(ino, inode.with_(ctime_ns=namespace.now_ns()))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        _check_xattr_name(name)
         with self.store.read() as txn:
             namespace.get(txn, ino)
             value = txn.xattr(ino, name)
@@ -338,9 +344,12 @@ class FileSystem:
             return txn.xattr_names(ino)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        _check_xattr_name(name)
         with self.store.write() as txn:
+            inode = namespace.get(txn, ino)
             if not txn.delete_xattr(ino, name):
                 raise FsError(errno.ENODATA)
+            txn.put_inode(ino, inode.with_(ctime_ns=namespace.now_ns()))
 
     # -- open files
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int
@@ -366,7 +375,11 @@ class FileSystem:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         fh = self._open_handle(ino, inode, writable)
         if flags & os.O_TRUNC and writable:
-            self._staging_for_write(ino, inode, keep=False)
+            try:
+                self.truncate(ino, 0)
+            except BaseException:
+                self.release(fh)
+                raise
         with self._lock:
             state = self._state(ino)
             keep = state.staging is None and state.kernel_content == inode.content_id
@@ -405,21 +418,20 @@ class FileSystem:
     def _staging_for_write(self, ino: int, inode: Inode, keep: bool) -> Staging:
         with self._lock:
             state = self._state(ino)
-            if state.staging is not None:
-                return state.staging
-        staging = Staging.create(self.staging_dir / f"{ino:016x}", inode.mtime_ns)
-        try:
-            if keep and inode.size:
-                staging.size = self._copy_content(inode.content_id, inode.size, staging.fd)
-        except BaseException:
-            staging.discard()
-            raise
-        with self._lock:
-            if state.staging is not None:  # another thread won the race
+        with state.create_lock:
+            with self._lock:
+                if state.staging is not None:
+                    return state.staging
+            staging = Staging.create(self.staging_dir, ino, inode.mtime_ns)
+            try:
+                if keep and inode.size:
+                    staging.size = self._copy_content(inode.content_id, inode.size, staging.fd)
+            except BaseException:
                 staging.discard()
-                return state.staging
-            state.staging = staging
-        return staging
+                raise
+            with self._lock:
+                state.staging = staging
+            return staging
 
     def _copy_content(self, content_id: bytes, size: int, fd: int) -> int:
         for offset in range(0, size, COPY_BYTES):
@@ -460,30 +472,36 @@ class FileSystem:
             staging.ingesting = True
             start, size, overwrites = staging.prefix_len, staging.size, staging.overwrites
         try:
-            def read(offset: int, length: int) -> bytes:
-                return staging.read(offset, min(length, size - offset), self._chunk_bytes)
-
-            if header_incomplete(read(0, HEADER_PROBE_BYTES), size):
-                return  # tensor boundaries unknown until the whole header is written
-            ids: list[bytes] = []
-            lengths: list[int] = []
-            with self.store.ingest_gate.shared():
-                new, _ = self.ingestor.prepare_chunks(read, size, start, False, ids, lengths)
-                if not ids:
-                    return
-                with self.store.write() as txn:
-                    contents.register_chunks(txn, new)
-                self._pin(ids)
-            self.ingestor.committed(new)
-            with self._lock:
-                if (state.staging is not staging or staging.overwrites != overwrites
-                        or staging.prefix_len != start):
-                    self._unpin(ids)  # a write changed those bytes meanwhile: keep them
-                    return
-                staging.add_front(ids, lengths)
-            log.debug("inode %d: front stored up to %d", ino, staging.prefix_len)
+            with staging.in_use() as alive:
+                if alive:
+                    self._ingest_front(ino, state, staging, start, size, overwrites)
         finally:
             staging.ingesting = False
+
+    def _ingest_front(self, ino: int, state: InodeState, staging: Staging, start: int,
+                      size: int, overwrites: int) -> None:
+        def read(offset: int, length: int) -> bytes:
+            return staging.read(offset, min(length, size - offset), self._chunk_bytes)
+
+        if header_incomplete(read(0, HEADER_PROBE_BYTES), size):
+            return  # tensor boundaries unknown until the whole header is written
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        with self.store.ingest_gate.shared():
+            new, _ = self.ingestor.prepare_chunks(read, size, start, False, ids, lengths)
+            if not ids:
+                return
+            with self.store.write() as txn:
+                contents.register_chunks(txn, new)
+            self._pin(ids)
+        self.ingestor.committed(new)
+        with self._lock:
+            if (state.staging is not staging or staging.overwrites != overwrites
+                    or staging.prefix_len != start):
+                self._unpin(ids)  # a write changed those bytes meanwhile: keep them
+                return
+            staging.add_front(ids, lengths)
+        log.debug("inode %d: front stored up to %d", ino, staging.prefix_len)
 
     def _chunk_bytes(self, chunk_id: bytes, lo: int, hi: int) -> bytes:
         with self.store.read() as txn:
@@ -515,7 +533,10 @@ class FileSystem:
         state = self._states.get(handle.ino)
         staging = state.staging if state else None
         if staging is not None:
-            return staging.read(offset, size, self._chunk_bytes)
+            with staging.in_use() as alive:
+                if alive:
+                    return staging.read(offset, size, self._chunk_bytes)
+            # committed and discarded meanwhile: the stored content has the same bytes
         with self._lock:
             content_id = self._current_content(handle)
         if decode:
@@ -551,16 +572,24 @@ class FileSystem:
         return handle.ino
 
     def commit(self, ino: int) -> None:
-        """Ingest a file's staging and switch the inode to the result in one transaction."""
+        """Ingest a file's staging and switch the inode to the result in one transaction.
+
+        A close during a running commit returns at once; the running one sees the newer
+        generation when it ends and goes round again, so the last close is always stored."""
+        while self._commit_once(ino):
+            pass
+
+    def _commit_once(self, ino: int) -> bool:
+        """One commit; True when the staging changed meanwhile and needs another."""
         with self._lock:
             state = self._states.get(ino)
             if state is None or state.staging is None or state.committing:
-                return
+                return False
             state.committing = True
             staging = state.staging
             generation = staging.generation
-            mtime_ns = staging.mtime_ns
         prepared: PreparedContent | None = None
+        alive = False
         try:
             with self.store.read() as txn:
                 alive = (txn.inode(ino) or Inode(0, 0, 0, nlink=0)).nlink > 0
@@ -575,22 +604,26 @@ class FileSystem:
                         contents.register(txn, prepared)
                         inode = namespace.set_content(txn, ino, prepared.content_id,
                                                       prepared.table.size)
+                        with self._lock:  # a utime after close() must win over the write's
+                            mtime_ns = staging.mtime_ns
                         txn.put_inode(ino, inode.with_(mtime_ns=mtime_ns))
                 self.ingestor.committed(prepared)
         finally:
             with self._lock:
                 state.committing = False
-                done = state.staging is staging and staging.generation == generation
-                if done and state.writers == 0:
+                current = state.staging is staging and staging.generation == generation
+                done = alive and current and state.writers == 0
+                if done:
                     state.staging = None
                     state.kernel_content = prepared.content_id if prepared else None
-                else:
-                    done = False
+                again = (alive and not current and state.staging is not None
+                         and state.writers == 0)
         if done:
             self._discard(staging)
         log.debug("committed inode %d (%s)", ino, "done" if done else "staging kept")
         if not alive:
-            self._remove_if_unused(ino)
+            self._remove_if_unused(ino)  # its last open file or lookup discards the staging
+        return again
 
     def flush_all(self) -> None:
         """Commit every file that still has staging (at unmount), after commits in flight."""
@@ -606,23 +639,27 @@ class FileSystem:
     # -- mount-time recovery
     def recover(self) -> None:
         """Ingest staging files a crash left behind, and drop inodes no name refers to."""
+        newest: dict[int, Path] = {}
         for entry in sorted(os.scandir(self.staging_dir), key=lambda e: e.name):
             if entry.name.endswith(SIDECAR_SUFFIX):
                 continue  # read with its staging file
-            try:
-                ino = int(entry.name, 16)
-            except ValueError:
+            ino = Staging.inode_of(entry.name)
+            if ino is None:
                 log.warning("removing stray file %s from staging", entry.path)
                 os.unlink(entry.path)
                 continue
+            if ino in newest:  # names sort by time: an older staging was being replaced
+                Staging.reopen(newest[ino]).discard()
+            newest[ino] = Path(entry.path)
+        for ino, path in newest.items():
             with self.store.read() as txn:
                 inode = txn.inode(ino)
-                staging = Staging.reopen(Path(entry.path))
+                staging = Staging.reopen(path)
                 missing = [c for c in staging.prefix_ids if txn.chunk(c) is None]
             if inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0 or missing:
                 why = f"{len(missing)} of its stored chunks are gone" if missing else \
                     "its inode is gone"
-                log.warning("dropping staging file %s: %s", entry.path, why)
+                log.warning("dropping staging file %s: %s", path, why)
                 staging.discard()
                 continue
             self._pin(staging.prefix_ids)
@@ -643,3 +680,10 @@ class FileSystem:
         return os.statvfs(self.store.path)
 
 
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+
+
+def _check_xattr_name(name: bytes) -> None:
+    """Local filesystems know these namespaces only, and say EOPNOTSUPP to the rest."""
+    if not name.startswith(XATTR_NAMESPACES):
+        raise FsError(errno.EOPNOTSUPP, f"xattr {name!r} has no known namespace")
