@@ -273,7 +273,7 @@ class PackWriter:
                 self._start_pack(self._pack_id + 1)
 
     def sync_directory(self) -> None:
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def sync(self) -> None:
         """Make every appended record durable (and the names of new pack files)."""
@@ -285,7 +285,7 @@ class PackWriter:
                 if fd != self._fd:
                     os.close(fd)
             if dir_pending:
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
 
     def close(self) -> None:
         self.sync()
@@ -300,7 +300,8 @@ def _disk_full(directory: Path) -> StoreFullError:
                           "(or run `hubfs gc`) and retry; nothing partial was kept")
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make the names in a directory durable (a new or removed file)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

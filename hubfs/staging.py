@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .packs import fsync_directory
+
 log = logging.getLogger(__name__)
 
 INGEST_STEP_BYTES = 64 * 1024 * 1024
@@ -177,7 +179,7 @@ class Staging:
         finally:
             os.close(fd)
         if new:
-            _fsync_dir(self.path.parent)
+            fsync_directory(self.path.parent)
         start = self.prefix_len
         for chunk_id, length in zip(ids, lengths, strict=True):
             self._add_prefix(chunk_id, length)
@@ -200,7 +202,7 @@ class Staging:
     def sync(self) -> None:
         os.fsync(self.fd)
         if not self.durable:
-            _fsync_dir(self.path.parent)
+            fsync_directory(self.path.parent)
             self.durable = True
 
     @contextmanager
@@ -230,11 +232,3 @@ class Staging:
             path.unlink(missing_ok=True)
         if close:
             os.close(self.fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,9 +14,9 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 from urllib.parse import urlsplit
+
+from tests.clients.loopback import LoopbackServer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ class Request:
     status: int
 
 
-class FileServer:
+class FileServer(LoopbackServer):
+    thread_name = "file-server"
+
     """Serves ``files`` (URL path -> bytes | Path) on an ephemeral 127.0.0.1 port.
 
     Use as a context manager; ``url(path)`` builds absolute URLs, ``requests`` is the log.
@@ -45,51 +47,13 @@ class FileServer:
     """
 
     def __init__(self, files: dict[str, Body] | None = None) -> None:
+        super().__init__()
         self.files: dict[str, Body] = dict(files or {})
         self.requests: list[Request] = []
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="file-server", daemon=True
-        )
-        self._thread.start()
-        log.debug("file server on %s", self.base_url)
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return int(self._httpd.server_address[1])
+    def _make_httpd(self) -> ThreadingHTTPServer:
+        return ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
 
     @property
     def base_url(self) -> str:

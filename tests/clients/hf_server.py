@@ -45,10 +45,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .loopback import LoopbackServer
 from .run import RESULT_PREFIX, client_env, client_result, run_client
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ LFS_SUFFIXES = frozenset(
     }
 )
 TREE_PAGE_ENTRIES = 1000  # the Hub's page size for non-expanded tree listings
-SHUTDOWN_POLL_S = 0.05  # how soon stop() returns; the default 0.5 s adds up over a suite
 LISTEN_BACKLOG = 64  # snapshot_download opens 8 connections at once; the default backlog is 5
 _HASH_READ_BYTES = 4 << 20
 
@@ -195,7 +194,9 @@ def make_blob(path_in_repo: str, content: Content) -> Blob:
     return blob
 
 
-class HubServer:
+class HubServer(LoopbackServer):
+    thread_name = "hub-server"
+
     """A threaded fake Hub on 127.0.0.1 with an ephemeral port; use it as a context manager.
 
     Point the client at it with ``HF_ENDPOINT=server.url``.  Repos are created by their first
@@ -203,6 +204,7 @@ class HubServer:
     """
 
     def __init__(self, *, lfs_via_cdn: bool = True) -> None:
+        super().__init__()
         # lfs_via_cdn=False serves LFS files straight from /resolve (200 with X-Linked-* headers),
         # a path the Hub itself does not take but mirrors/proxies do.
         self.lfs_via_cdn = lfs_via_cdn
@@ -212,49 +214,11 @@ class HubServer:
         self._commit_counter = 0
         self._interrupt_after_bytes: int | None = None
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> Self:
+    def _make_httpd(self) -> ThreadingHTTPServer:
         httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         httpd.hub = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": SHUTDOWN_POLL_S},
-            name="hub-server",
-            daemon=True,
-        )
-        self._thread.start()
-        log.debug("fake hub on %s", self.url)
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return int(self._httpd.server_address[1])
+        return httpd
 
     @property
     def url(self) -> str:
