@@ -310,12 +310,21 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         if not stat.S_ISREG(inode.mode):
             raise FsError(errno.EINVAL)
-        staging = self._staging_for_write(ino, inode, keep=size > 0)
-        with self._lock:
-            if 0 < size < staging.prefix_len:
-                self._unpin(staging.restore_front(self._chunk_bytes))
-            self._unpin(staging.truncate(size, namespace.now_ns()))
-            idle = self._state(ino).writers == 0
+        while True:
+            staging = self._staging_for_write(ino, inode, keep=size > 0)
+            with self._lock, staging.in_use() as alive:
+                if not alive or self._state(ino).staging is not staging:
+                    retry = True  # a commit stored and dropped it meanwhile: start again
+                else:
+                    retry = False
+                    if 0 < size < staging.prefix_len:
+                        self._unpin(staging.restore_front(self._chunk_bytes))
+                    self._unpin(staging.truncate(size, namespace.now_ns()))
+                    idle = self._state(ino).writers == 0
+            if not retry:
+                break
+            with self.store.read() as txn:
+                inode = namespace.get(txn, ino)
         if idle:  # truncate(2) by path: nobody will release this file, so commit now
             self.commit(ino)
 
@@ -554,7 +563,9 @@ class FileSystem:
         state = self._states.get(self.handle(fh).ino)
         staging = state.staging if state else None
         if staging is not None:
-            staging.sync()
+            with staging.in_use() as alive:
+                if alive:  # else a commit stored it already, durably
+                    staging.sync()
 
     def release(self, fh: int) -> int | None:
         """Close a handle; returns the inode when it now needs ``commit`` (run in a thread)."""
