@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 
 FS_TYPE = "fuse.hubfs"
 LOG_NAME = "hubfs.log"
-# FUSE's default 128 KiB readahead keeps requests small; larger windows let the kernel ask for
-# more at once and overlap the packs' disk reads with serving.
-READ_AHEAD_KB = 4096
 UMOUNT_WAIT_S = 600.0
 
 
@@ -186,7 +183,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
 
         commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True)}
         try:
-            trio.run(_serve_until_stopped, store, mountpoint, commands)
+            trio.run(_serve_until_stopped, store, commands)
         finally:
             pyfuse3.close(unmount=True)
             fs.flush_all()
@@ -196,13 +193,11 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         store.close()
 
 
-async def _serve_until_stopped(store: Store, mountpoint: Path,
-                               commands: dict[str, Callable[..., Any]]) -> None:
+async def _serve_until_stopped(store: Store, commands: dict[str, Callable[..., Any]]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(serve_control, store, commands)
         nursery.start_soon(_snapshot_periodically, store)
-        nursery.start_soon(_raise_readahead, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -220,24 +215,6 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
             pyfuse3.terminate()
             return
 
-
-async def _raise_readahead(mountpoint: Path) -> None:
-    """Widen the mount's readahead once the kernel has taken the daemon's INIT reply (which
-    sets it to 128 KiB): bigger windows mean bigger read requests and fewer round trips."""
-    info = find_mount(mountpoint)
-    if info is None:
-        return
-    path = Path("/sys/class/bdi") / info.device / "read_ahead_kb"
-    for _attempt in range(20):
-        await trio.sleep(0.1)
-        try:
-            if int(path.read_text()) >= READ_AHEAD_KB:
-                return
-            path.write_text(str(READ_AHEAD_KB))
-        except (OSError, ValueError) as exc:
-            log.info("cannot raise readahead via %s (%s); reads keep the kernel default",
-                     path, exc)
-            return
 
 def umount(mountpoint: Path, timeout_s: float = UMOUNT_WAIT_S) -> None:
     """Unmount, then wait until the daemon has stored everything and exited."""
