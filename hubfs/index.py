@@ -21,16 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
 from .compression import Codec
-from .errors import HubfsError, StoreFormatError
+from .errors import HubfsError, IntegrityError, StoreFormatError, StoreFullError
 from .packs import SUM, ChunkLocation
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ DB_NAMES = ("meta", "chunks", "contents", "content_refs", "inodes", "dirents", "
 MAP_SIZE_BYTES = 1 << 40
 VALUE_VERSION = 1
 ROOT_INO = 1
+T = TypeVar("T")
 
 U64 = struct.Struct(">Q")
 KEY2 = struct.Struct(">QQ")
@@ -127,6 +128,19 @@ class Inode:
         return replace(self, **changes)
 
 
+def _damaged(kind: str, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"a {kind} record in the index is damaged ({exc}): run "
+                          "`hubfs verify --repair STORE` to restore it from a snapshot", None)
+
+
+def decoded(kind: str, decode: Callable[[Any], T], raw: Any) -> T:
+    """Decode an index value; damage (bit rot, a torn page) becomes a clean IntegrityError."""
+    try:
+        return decode(raw)
+    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise _damaged(kind, exc) from None
+
+
 class Txn:
     """One LMDB transaction with typed accessors for each database."""
 
@@ -151,7 +165,7 @@ class Txn:
     # -- chunks
     def chunk(self, chunk_id: bytes) -> ChunkEntry | None:
         raw = self.raw.get(chunk_id, db=self.dbs["chunks"])
-        return ChunkEntry.decode(raw) if raw is not None else None
+        return decoded("chunk", ChunkEntry.decode, raw) if raw is not None else None
 
     def put_chunk(self, chunk_id: bytes, entry: ChunkEntry) -> None:
         self.raw.put(chunk_id, entry.encode(), db=self.dbs["chunks"])
@@ -162,12 +176,12 @@ class Txn:
     def chunks(self) -> Iterator[tuple[bytes, ChunkEntry]]:
         with self.raw.cursor(db=self.dbs["chunks"]) as cur:
             for key, value in cur:
-                yield bytes(key), ChunkEntry.decode(value)
+                yield bytes(key), decoded("chunk", ChunkEntry.decode, value)
 
     # -- contents
     def content(self, content_id: bytes) -> ContentTable | None:
         raw = self.raw.get(content_id, db=self.dbs["contents"])
-        return ContentTable.decode(raw) if raw is not None else None
+        return decoded("content", ContentTable.decode, raw) if raw is not None else None
 
     def put_content(self, content_id: bytes, table: ContentTable) -> None:
         self.raw.put(content_id, table.encode(), db=self.dbs["contents"])
@@ -179,7 +193,7 @@ class Txn:
     def contents(self) -> Iterator[tuple[bytes, ContentTable]]:
         with self.raw.cursor(db=self.dbs["contents"]) as cur:
             for key, value in cur:
-                yield bytes(key), ContentTable.decode(value)
+                yield bytes(key), decoded("content", ContentTable.decode, value)
 
     def content_refs(self, content_id: bytes) -> int:
         raw = self.raw.get(content_id, db=self.dbs["content_refs"])
@@ -196,7 +210,7 @@ class Txn:
     # -- inodes
     def inode(self, ino: int) -> Inode | None:
         raw = self.raw.get(U64.pack(ino), db=self.dbs["inodes"])
-        return Inode.decode(raw) if raw is not None else None
+        return decoded("inode", Inode.decode, raw) if raw is not None else None
 
     def put_inode(self, ino: int, inode: Inode) -> None:
         self.raw.put(U64.pack(ino), inode.encode(), db=self.dbs["inodes"])
@@ -207,12 +221,12 @@ class Txn:
     def inodes(self) -> Iterator[tuple[int, Inode]]:
         with self.raw.cursor(db=self.dbs["inodes"]) as cur:
             for key, value in cur:
-                yield U64.unpack(key)[0], Inode.decode(value)
+                yield U64.unpack(key)[0], decoded("inode", Inode.decode, value)
 
     # -- directory entries
     def dirent(self, parent: int, name: bytes) -> tuple[int, int] | None:
         raw = self.raw.get(U64.pack(parent) + name, db=self.dbs["dirents"])
-        return DIRENT.unpack(raw) if raw is not None else None
+        return decoded("directory entry", DIRENT.unpack, raw) if raw is not None else None
 
     def put_dirent(self, parent: int, name: bytes, child: int, seq: int) -> None:
         self.raw.put(U64.pack(parent) + name, DIRENT.pack(child, seq), db=self.dbs["dirents"])
@@ -236,15 +250,16 @@ class Txn:
             for key, name in cur:
                 if key[:8] != prefix:
                     return
-                seq = U64.unpack(key[8:])[0]
-                child = DIRENT.unpack(self.raw.get(prefix + name, db=dirents) or b"")[0]
+                seq = decoded("directory order", U64.unpack, key[8:])[0]
+                raw = self.raw.get(prefix + name, db=dirents) or b""
+                child = decoded("directory entry", DIRENT.unpack, raw)[0]
                 yield seq, bytes(name), child
 
     def all_dirents(self) -> Iterator[tuple[int, bytes, int, int]]:
         with self.raw.cursor(db=self.dbs["dirents"]) as cur:
             for key, value in cur:
-                child, seq = DIRENT.unpack(value)
-                yield U64.unpack(key[:8])[0], bytes(key[8:]), child, seq
+                child, seq = decoded("directory entry", DIRENT.unpack, value)
+                yield decoded("directory entry", U64.unpack, key[:8])[0], bytes(key[8:]), child, seq
 
     # -- extended attributes
     def xattr(self, ino: int, name: bytes) -> bytes | None:
@@ -303,13 +318,24 @@ class Index:
         except lmdb.MapFullError as exc:
             raise HubfsError(f"the index at {self.path} is full ({exc})") from exc
         except lmdb.DiskError as exc:
+            if "No space" in str(exc) or "quota" in str(exc).lower():
+                raise StoreFullError(f"no space left on the disk holding the index {self.path}: "
+                                     "free space there (or run `hubfs gc`) and retry") from exc
             raise HubfsError(f"cannot write the index at {self.path}: {exc}; "
                              "free space on its disk and retry") from exc
 
     def settings(self) -> dict[str, Any]:
         with self.read() as txn:
             raw = txn.meta_get("settings")
-        return json.loads(raw) if raw else {}
+        try:
+            settings = json.loads(raw) if raw else {}
+            if not isinstance(settings, dict):
+                raise TypeError("not an object")
+            return settings
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise StoreFormatError(f"the settings in the index at {self.path} are damaged "
+                                   f"({exc}): `hubfs verify --repair` restores a snapshot", 3
+                                   ) from None
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.name.endswith(".mdb"))

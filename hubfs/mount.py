@@ -178,7 +178,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         ready("ok")
         def run_gc(progress: Callable[[int, int], None], full: bool = False) -> dict[str, int]:
             result = gc.collect(store, progress, False, full).to_dict()
-            repair.snapshot(store.index, store.path)
+            repair.snapshot_or_warn(store.index, store.path)
             return result
 
         commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True)}
@@ -187,7 +187,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         finally:
             pyfuse3.close(unmount=True)
             fs.flush_all()
-            repair.snapshot(store.index, store.path)
+            repair.snapshot_or_warn(store.index, store.path)
             log.info("unmounted %s", mountpoint)
     finally:
         store.close()
@@ -205,7 +205,7 @@ async def _serve_until_stopped(store: Store, commands: dict[str, Callable[..., A
 async def _snapshot_periodically(store: Store) -> None:
     while True:
         await trio.sleep(repair.SNAPSHOT_INTERVAL_S)
-        await trio.to_thread.run_sync(repair.snapshot, store.index, store.path)
+        await trio.to_thread.run_sync(repair.snapshot_or_warn, store.index, store.path)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

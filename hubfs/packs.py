@@ -370,8 +370,9 @@ def scan(fd: int, pack_id: int) -> Iterator[ScannedRecord]:
     while offset < size:
         rec = _record_at(fd, pack_id, offset, size)
         if rec is None:
-            offset = _next_magic(fd, offset + 1, size)
-            continue
+            rec = _resync(fd, pack_id, offset + 1, size)
+            if rec is None:
+                return
         yield rec
         offset = rec.location.record_end
 
@@ -392,15 +393,19 @@ def _record_at(fd: int, pack_id: int, offset: int, size: int) -> ScannedRecord |
     return rec
 
 
-def _next_magic(fd: int, offset: int, size: int) -> int:
-    """Offset of the next record magic at or after ``offset`` (``size`` if there is none)."""
+def _resync(fd: int, pack_id: int, offset: int, size: int) -> ScannedRecord | None:
+    """The next intact record at or after ``offset``: every magic inside a window is tried
+    before the next window is read, so lookalike bytes cost one window read, not one each."""
     while offset < size:
         window = os.pread(fd, RESYNC_WINDOW_BYTES + len(RECORD_MAGIC) - 1, offset)
         found = window.find(RECORD_MAGIC)
-        if found >= 0:
-            return offset + found
+        while 0 <= found < RESYNC_WINDOW_BYTES:
+            rec = _record_at(fd, pack_id, offset + found, size)
+            if rec is not None:
+                return rec
+            found = window.find(RECORD_MAGIC, found + 1)
         offset += RESYNC_WINDOW_BYTES
-    return size
+    return None
 
 
 def valid_end(fd: int) -> int:

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
+
 from .errors import HubfsError, StoreFormatError
 from .index import ChunkEntry, Index
 from .packs import ChunkLocation
@@ -58,6 +60,17 @@ def snapshot(index: Index, store: Path) -> Path:
     return final
 
 
+def snapshot_or_warn(index: Index, store: Path) -> Path | None:
+    """``snapshot``, where failing (a full disk) must not stop what asked for it."""
+    try:
+        return snapshot(index, store)
+    except (OSError, lmdb.Error) as exc:
+        log.warning("no index snapshot this time (%s); the previous ones are kept", exc)
+        for tmp in (store / SNAPSHOT_DIR).glob(".*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+
+
 def snapshots(store: Path) -> list[Path]:
     root = store / SNAPSHOT_DIR
     if not root.is_dir():
@@ -81,11 +94,15 @@ def _index_readable(path: Path) -> bool:
     except (StoreFormatError, HubfsError):
         return False
     try:
+        index.settings()  # raises when damaged
         with index.read() as txn:
             if not txn.meta_get("settings"):
                 return False
             for _ in txn.chunks():
                 pass
+            for parent, _name, _child, _seq in list(txn.all_dirents()):
+                for _ in txn.dir_entries(parent):
+                    pass
             for _ in txn.contents():
                 pass
             for _ in txn.inodes():
@@ -158,5 +175,11 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
                 if cid in tables and txn.content_refs(cid) != holders[cid]:
                     report.refcounts_fixed += 1
                     txn.put_content_refs(cid, holders[cid])
-        snapshot(store.index, store.path)
+    from .verify import verify
+
+    with Store(store_path, readonly=True) as store:
+        clean = verify(store, progress=False).ok
+    if clean:  # never keep a snapshot of an index that still has problems
+        with Store(store_path) as store:
+            snapshot_or_warn(store.index, store.path)
     return report

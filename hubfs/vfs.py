@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import contents, namespace
 from .contents import PreparedContent
-from .errors import FsError, IntegrityError
+from .errors import FsError, IntegrityError, StoreFullError
 from .index import ROOT_INO, Inode, Txn
 from .policy import HOME_DIR, HOME_MODE, HOME_ROOT_MODE, SHARED_DIR, Policy, user_name
 from .staging import INGEST_STEP_BYTES, SIDECAR_SUFFIX, Staging
@@ -566,6 +566,14 @@ class FileSystem:
             with staging.in_use() as alive:
                 if alive:  # else a commit stored it already, durably
                     staging.sync()
+                    self._check_room(staging)
+
+    def _check_room(self, staging: Staging) -> None:
+        """ENOSPC at fsync when the disk cannot take the file's unstored bytes once more (as
+        chunks): better than a close that seems fine and a file that cannot be stored."""
+        free = os.statvfs(self.store.path)
+        if free.f_bavail * free.f_frsize < staging.size - staging.prefix_len:
+            raise FsError(errno.ENOSPC, "the store's disk cannot take this file")
 
     def release(self, fh: int) -> int | None:
         """Close a handle; returns the inode when it now needs ``commit`` (run in a thread)."""
@@ -600,7 +608,7 @@ class FileSystem:
             staging = state.staging
             generation = staging.generation
         prepared: PreparedContent | None = None
-        alive = False
+        alive = stored = False
         try:
             with self.store.read() as txn:
                 alive = (txn.inode(ino) or Inode(0, 0, 0, nlink=0)).nlink > 0
@@ -619,15 +627,18 @@ class FileSystem:
                             mtime_ns = staging.mtime_ns
                         txn.put_inode(ino, inode.with_(mtime_ns=mtime_ns))
                 self.ingestor.committed(prepared)
+            stored = True
         finally:
             with self._lock:
                 state.committing = False
                 current = state.staging is staging and staging.generation == generation
-                done = alive and current and state.writers == 0
+                # a failed commit (a full disk) keeps the staging: reads, a retry at the next
+                # close or mount, and unlink all still find it
+                done = stored and alive and current and state.writers == 0
                 if done:
                     state.staging = None
                     state.kernel_content = prepared.content_id if prepared else None
-                again = (alive and not current and state.staging is not None
+                again = (stored and alive and not current and state.staging is not None
                          and state.writers == 0)
         if done:
             self._discard(staging)
@@ -676,7 +687,12 @@ class FileSystem:
             self._pin(staging.prefix_ids)
             with self._lock:
                 self._state(ino).staging = staging
-            self.commit(ino)
+            try:
+                self.commit(ino)
+            except StoreFullError as exc:
+                log.error("inode %d keeps its %d bytes in staging, not stored yet: %s", ino,
+                          staging.size, exc.message)
+                continue
             log.warning("recovered %d bytes written to inode %d before the last crash",
                         staging.size, ino)
         with self.store.read() as txn:
