@@ -39,6 +39,15 @@ def no_unexpected_warnings(request: pytest.FixtureRequest,
 
 
 @pytest.fixture
+def cache_root(tmp_path: Path) -> Path:
+    """The directory standing in for ``~/.cache`` in the client scenarios; the real-mount
+    suite (test_clients_on_mount) overrides it with a hubfs mount."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     Store.init(path)

@@ -34,14 +34,6 @@ _REPO_ENTRIES = {"blobs", "snapshots", "refs", ".no_exist", "trees"}
 
 
 @pytest.fixture
-def cache_root(tmp_path: Path) -> Path:
-    """The directory standing in for ``~/.cache``: swap this for a hubfs mount."""
-    root = tmp_path / "cache"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def hub() -> Iterator[HubServer]:
     with HubServer() as server:
         yield server

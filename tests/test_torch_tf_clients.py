@@ -34,13 +34,6 @@ _TEMP_MARKERS = (".partial", ".tmp", ".lock")
 
 
 @pytest.fixture
-def cache_root(tmp_path: Path) -> Path:
-    root = tmp_path / "cache"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
 def server() -> Iterator[FileServer]:
     with FileServer() as srv:
         yield srv
