@@ -98,7 +98,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
             raise HubfsError(f"{args.path} is not a regular file", 2)
         cid = inode.content_id
         out = sys.stdout.buffer
-        for offset in range(0, inode.size, 4 << 20):
+        size = store.reader.table(cid).size  # the content's, not a possibly damaged inode's
+        for offset in range(0, size, 4 << 20):
             out.write(store.reader.read(cid, offset, 4 << 20))
         out.flush()
     return 0
