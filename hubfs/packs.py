@@ -5,7 +5,8 @@ scanning packs, and ``verify`` can check every byte without the index. Checksums
 ``CHECK_BLOCK_BYTES`` of the stored bytes rather than the whole record: a 4 KiB read of a raw
 chunk then reads and checks 64 KiB, not the whole chunk. Packs are sealed at
 ``PACK_TARGET_BYTES``; a record whose write failed is cut off again, so a pack only ever ends
-with whole records (a crash can leave a torn tail, which ``open_for_append`` trims).
+with whole records; a torn tail a crash left is never cut (damage could make intact records
+look torn): appending moves on to a new pack and gc drops the unreferenced bytes.
 
 Pack file layout::
 
@@ -218,12 +219,14 @@ class PackWriter:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         end = valid_end(fd)
         size = os.fstat(fd).st_size
-        if end < size:
-            log.warning("pack %s ends in a torn record: trimmed %d bytes", path, size - end)
-            os.ftruncate(fd, end)
-            os.fsync(fd)
         self._pack_id, self._fd, self._end = pack_id, fd, end
-        if end >= self.target_bytes:
+        if end < size:
+            # A torn write, or damage that hides intact records from the scanner: never cut
+            # bytes the index may reference. gc drops what nothing references.
+            log.warning("pack %s ends in %d bytes that are not an intact record; they are left "
+                        "for verify and gc, new records go to a new pack", path, size - end)
+            self._start_pack(pack_id + 1)
+        elif end >= self.target_bytes:
             self._start_pack(pack_id + 1)
 
     def _start_pack(self, pack_id: int) -> None:

@@ -351,23 +351,12 @@ def test_flipped_record_header_verify_lists_exactly_its_files(tmp_path: Path) ->
     assert listed == {p.path for p in placed if p.chunk_id == victim.chunk_id}, result.stdout
 
 
-TRIM_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG, data loss: PackWriter._open_existing (packs.py) trims the newest pack to "
-    "packs.valid_end(), the end of the last record scan() finds, taking whatever follows for "
-    "a torn tail. scan() now resyncs past a damaged record header, but a damaged 16-byte pack "
-    "header makes it yield nothing (valid_end = 16: the whole pack is cut), and a damaged "
-    "header of the pack's last record makes that record look torn (it is cut though the index "
-    "references it and its payload is intact). Any writable open does it: mount, import, gc, "
-    "`verify --repair`. Fix: never trim bytes the index references (trim only past the end "
-    "of the last referenced record), or start a new pack and leave the tail to verify/gc"))
-
-
 @pytest.mark.allow_warnings
 @pytest.mark.damaged_store
 @pytest.mark.parametrize("where", [
     "record header",
-    pytest.param("last record header", marks=TRIM_BUG),
-    pytest.param("pack header", marks=TRIM_BUG),
+    "last record header",
+    "pack header",
 ])
 def test_header_damage_is_not_trimmed_away_by_the_next_mount(
         tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
