@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import contents, namespace
 from .contents import PreparedContent
-from .errors import FsError, IntegrityError, StoreFullError
+from .errors import FsError, HubfsError, IntegrityError, StoreFullError
 from .index import ROOT_INO, Inode, Txn
 from .policy import HOME_DIR, HOME_MODE, HOME_ROOT_MODE, SHARED_DIR, Policy, user_name
 from .staging import INGEST_STEP_BYTES, SIDECAR_SUFFIX, Staging
@@ -654,6 +654,9 @@ class FileSystem:
         for ino in [i for i, s in list(self._states.items()) if s.staging is not None]:
             try:
                 self.commit(ino)
+            except HubfsError as exc:  # a full disk: expected, say it in one line
+                log.error("inode %d is not stored at unmount (%s); its staging file is kept "
+                          "for the next mount", ino, exc.message)
             except Exception:
                 log.exception("could not store inode %d at unmount; its staging file is kept "
                               "and will be recovered at the next mount", ino)

@@ -205,12 +205,6 @@ def leave_a_partial_file(store: Path, mnt: Path, rng: random.Random) -> dict[str
 
 
 @pytest.mark.allow_warnings
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): at unmount on a full disk, FileSystem.flush_all retries the commit of the "
-    "partial file and logs the StoreFullError with log.exception: a two-part traceback in "
-    "hubfs.log for an expected condition the user should read as one line (a HubfsError). "
-    "The failing snapshot itself now only warns (042dd5b). Fix: log HubfsError's message "
-    "with log.error in flush_all (and recover), keep log.exception for the unexpected"))
 def test_unmount_on_a_full_disk_is_clean(small_disk: Path, tmp_path: Path) -> None:
     store = small_disk / "store"
     Store.init(store)
