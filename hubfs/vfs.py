@@ -191,6 +191,8 @@ class FileSystem:
                     continue
                 state.lookups = max(0, state.lookups - count)
             self._remove_if_unused(ino)
+            with self._lock:  # forgotten by the kernel, its page cache is gone too
+                self._drop_state_if_idle(ino)
 
     def readdir(self, ino: int, after: int) -> list[tuple[int, bytes, Attributes]]:
         """Entries after offset ``after``; the caller reports each and calls ``counted``."""
