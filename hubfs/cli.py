@@ -96,11 +96,9 @@ def cmd_cat(args: argparse.Namespace) -> int:
         _ino, inode = _store_path(store, args.path)
         if not stat.S_ISREG(inode.mode):
             raise HubfsError(f"{args.path} is not a regular file", 2)
-        cid = inode.content_id
         out = sys.stdout.buffer
-        size = store.reader.table(cid).size  # the content's, not a possibly damaged inode's
-        for offset in range(0, size, 4 << 20):
-            out.write(store.reader.read(cid, offset, 4 << 20))
+        for data in store.reader.pieces(inode.content_id):  # to the content's own size
+            out.write(data)
         out.flush()
     return 0
 

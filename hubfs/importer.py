@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 512 * 1024 * 1024
 BATCH_FILES = 2000
-COPY_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -288,11 +287,9 @@ def _export_plan(txn: Txn, top: int) -> list[tuple[bytes, int, Inode]]:
 
 
 def _write_content(store: Store, content_id: bytes, out: bytes, bar: Progress) -> None:
-    size = store.reader.table(content_id).size
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        for offset in range(0, size, COPY_BYTES):
-            data = store.reader.read(content_id, offset, COPY_BYTES)
+        for data in store.reader.pieces(content_id):
             os.write(fd, data)
             bar.advance(len(data))
     finally:

@@ -13,6 +13,7 @@ import bisect
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .compression import Codec, decode
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DECODED_CACHE_BYTES = 256 * 1024 * 1024
 TABLE_CACHE_ENTRIES = 256
+PIECE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,12 @@ class ContentReader:
     def forget_tables(self) -> None:
         """Drop cached locations (after ``gc`` moved chunks)."""
         self._tables.clear()
+
+    def pieces(self, content_id: bytes) -> Iterator[bytes]:
+        """A whole content, front to back, in ``PIECE_BYTES`` pieces (export, cat, staging)."""
+        size = self.table(content_id).size
+        for offset in range(0, size, PIECE_BYTES):
+            yield self.read(content_id, offset, PIECE_BYTES)
 
     def read(self, content_id: bytes, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset+size)`` of a content (fewer at its end)."""

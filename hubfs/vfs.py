@@ -38,7 +38,6 @@ from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
 log = logging.getLogger(__name__)
 
 XATTR_VALUE_MAX_BYTES = 64 * 1024
-COPY_BYTES = 4 * 1024 * 1024
 BLOCK_BYTES = 512
 
 
@@ -436,7 +435,7 @@ class FileSystem:
             staging = Staging.create(self.staging_dir, ino, inode.mtime_ns)
             try:
                 if keep and inode.size:
-                    staging.size = self._copy_content(inode.content_id, inode.size, staging.fd)
+                    staging.size = self._copy_content(inode.content_id, staging.fd)
             except BaseException:
                 staging.discard()
                 raise
@@ -444,11 +443,11 @@ class FileSystem:
                 state.staging = staging
             return staging
 
-    def _copy_content(self, content_id: bytes, size: int, fd: int) -> int:
-        for offset in range(0, size, COPY_BYTES):
-            data = self.store.reader.read(content_id, offset, COPY_BYTES)
-            os.pwrite(fd, data, offset)
-        return size
+    def _copy_content(self, content_id: bytes, fd: int) -> int:
+        copied = 0
+        for data in self.store.reader.pieces(content_id):
+            copied += os.pwrite(fd, data, copied)
+        return copied
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handle(fh)
