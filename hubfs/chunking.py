@@ -69,8 +69,15 @@ class Chunker:
         view = memoryview(buf)
         return [span for span, _data in self.stream(lambda o, n: view[o : o + n], len(view))]
 
+    def header_end(self, read: Callable[[int, int], bytes | memoryview], size: int) -> int:
+        """Where the first tensor starts in a safetensors file (0 for any other file): a
+        change before it may move every tensor boundary."""
+        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, True)
+        return layout[0].end if layout else 0
+
     def stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
-               start: int = 0, final: bool = True) -> Iterator[tuple[ChunkSpan, memoryview]]:
+               start: int = 0, final: bool = True, window_bytes: int = WINDOW_BYTES
+               ) -> Iterator[tuple[ChunkSpan, memoryview]]:
         """Chunks of a file of ``size`` bytes read through ``read(offset, length)``.
 
         Each window is cut by CDC and every chunk but the window's last is final: FastCDC's cut
@@ -86,7 +93,7 @@ class Chunker:
             pos = max(seg.start, start)
             avail = min(seg.end, size)
             while pos < avail:
-                end = min(pos + WINDOW_BYTES, avail)
+                end = min(pos + window_bytes, avail)
                 data = memoryview(read(pos, end - pos))
                 if not data:
                     return

@@ -1,10 +1,10 @@
 """The pyfuse3 adapter: FUSE requests in, ``vfs.FileSystem`` calls out, errors translated.
 
-Nothing here decides anything about storage. Each handler runs the model's method inline when
-it is quick (metadata, raw chunk reads, writes into staging) and in a worker thread when it can
-take long (decoding a chunk, copying content into staging, ingesting a file). No handler lets an
+Nothing here decides anything about storage: each handler makes one call into the model
+(which moves slow work to worker threads itself) and converts types. No handler lets an
 exception escape, since that would end the mount: POSIX errors pass through, damaged data
-becomes EIO (logged once per file), anything unexpected is logged and becomes EIO.
+becomes EIO (logged once per file), a user's mistake (a file too large) is answered without a
+log line, anything unexpected is logged and becomes EIO.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-import trio
 
 from . import namespace
 from .errors import FsError, IntegrityError, StoreFullError
@@ -30,7 +29,8 @@ log = logging.getLogger(__name__)
 ENTRY_TIMEOUT_S = 300.0
 ATTR_TIMEOUT_S = 300.0
 BLKSIZE_BYTES = 128 * 1024
-WORKER_THREADS = 4
+# Errors a request may rightly end in, answered without a log line.
+USER_ERRNOS = (errno.EFBIG, errno.ENAMETOOLONG, errno.EINVAL)
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -59,6 +59,8 @@ def request(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("%s: the disk holding the store is full", func.__name__)
                 raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            if exc.errno in USER_ERRNOS:
+                raise pyfuse3.FUSEError(exc.errno) from None
             log.exception("%s%r failed", func.__name__, args)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
@@ -96,17 +98,13 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
-        self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self._reported: set[int] = set()
-
-    async def _thread(self, func: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
 
     def report_damage(self, op: str, args: tuple[Any, ...], exc: IntegrityError) -> None:
         ino = args[0] if args and isinstance(args[0], int) else 0
         if op in ("read", "write", "fsync", "release"):
             try:
-                ino = self.fs.handle(args[0]).ino
+                ino = self.fs.open_files.handle(args[0]).ino
             except FsError:
                 ino = 0
         if ino in self._reported:
@@ -119,90 +117,86 @@ class Operations(pyfuse3.Operations):
     # -- names and attributes
     @request
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.lookup(parent, name, ctx.uid if ctx else 0))
+        return entry(await self.fs.lookup(parent, name, ctx.uid if ctx else 0))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:
-            self.fs.forget(inode_list)
+            await self.fs.forget(inode_list)
         except Exception:
             log.exception("forget %r failed", inode_list)
 
     @request
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.attributes(inode))
+        return entry(await self.fs.attributes(inode))
 
     @request
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         kwargs: dict[str, int] = {}
-        if fields.update_mode:
-            kwargs["mode"] = attr.st_mode
-        if fields.update_uid:
-            kwargs["uid"] = attr.st_uid
-        if fields.update_gid:
-            kwargs["gid"] = attr.st_gid
-        if fields.update_atime:
-            kwargs["atime_ns"] = attr.st_atime_ns
-        if fields.update_mtime:
-            kwargs["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_size:
-            kwargs["size"] = attr.st_size
-            return entry(await self._thread(functools.partial(self.fs.setattr, inode, **kwargs)))
-        return entry(self.fs.setattr(inode, **kwargs))
+        for wanted, key, value in (
+                (fields.update_mode, "mode", attr.st_mode),
+                (fields.update_uid, "uid", attr.st_uid),
+                (fields.update_gid, "gid", attr.st_gid),
+                (fields.update_atime, "atime_ns", attr.st_atime_ns),
+                (fields.update_mtime, "mtime_ns", attr.st_mtime_ns),
+                (fields.update_size, "size", attr.st_size)):
+            if wanted:
+                kwargs[key] = value
+        return entry(await self.fs.setattr(inode, **kwargs))
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return self.fs.readlink(inode)
+        return await self.fs.readlink(inode)
 
     @request
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev))
+        return entry(await self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev))
 
     @request
     async def mkdir(self, parent: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid,
-                                  ctx.gid))
+        return entry(await self.fs.make(parent, name, stat.S_IFDIR | stat.S_IMODE(mode),
+                                        ctx.uid, ctx.gid))
 
     @request
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.make(parent, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
-                                  target=target))
+        return entry(await self.fs.make(parent, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid,
+                                        target=target))
 
     @request
     async def link(self, inode: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.link(inode, new_parent, new_name))
+        return entry(await self.fs.link(inode, new_parent, new_name))
 
     @request
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
-        self.fs.unlink(parent, name)
+        await self.fs.unlink(parent, name)
 
     @request
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
-        self.fs.rmdir(parent, name)
+        await self.fs.rmdir(parent, name)
 
     @request
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
                      flags: int, ctx: Any) -> None:
-        self.fs.rename(parent_old, name_old, parent_new, name_new, flags)
+        await self.fs.rename(parent_old, name_old, parent_new, name_new, flags)
 
     # -- directories
     @request
     async def opendir(self, inode: int, ctx: Any) -> int:
-        if not stat.S_ISDIR(self.fs.attributes(inode).inode.mode):
-            raise FsError(errno.ENOTDIR)
+        await self.fs.opendir(inode)
         return inode
 
     @request
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for seq, name, attrs in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, entry(attrs), seq):
+        for offset, name, attrs in await self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry(attrs), offset):
                 break
-            self.fs.count_lookup(attrs.ino)
+            if name not in (b".", b".."):  # the kernel takes no reference to these
+                self.fs.count_lookup(attrs.ino)
 
     @request
     async def releasedir(self, fh: int) -> None:
@@ -210,39 +204,27 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        await self.fs.sync_index()
 
     # -- files
     @request
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attrs = self.fs.create(parent, name, mode, ctx.uid, ctx.gid)
+        fh, attrs = await self.fs.create(parent, name, mode, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT)), entry(attrs)
 
     @request
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
-            fh, keep = await self._thread(self.fs.open, inode, flags)
-        else:
-            fh, keep = self.fs.open(inode, flags)
+        fh, keep = await self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=bool(flags & os.O_DIRECT))
 
     @request
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = self.fs.read(fh, off, size, decode=False)
-        if data is None:
-            data = await self._thread(self.fs.read, fh, off, size, True)
-        return data  # type: ignore[return-value]
+        return await self.fs.read(fh, off, size)
 
     @request
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if self.fs.needs_copy(fh):
-            await self._thread(self.fs.prepare_write, fh)
-        written = self.fs.write(fh, off, buf)
-        ino = self.fs.front_due(fh)
-        if ino is not None:  # the writer waits for this: backpressure, and bounded staging
-            await self._thread(self.fs.ingest_front, ino)
-        return written
+        return await self.fs.write(fh, off, buf)
 
     async def flush(self, fh: int) -> None:
         # Nothing to do at close(): data is stored at release. ENOSYS tells the kernel to stop
@@ -251,42 +233,35 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._thread(self.fs.fsync, fh)
+        await self.fs.fsync(fh)
 
     @request
     async def release(self, fh: int) -> None:
-        ino = self.fs.release(fh)
-        if ino is not None:
-            await self._thread(self.fs.commit, ino)
+        await self.fs.release(fh)
 
     # -- extended attributes
     @request
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        self.fs.setxattr(inode, name, value)
+        await self.fs.setxattr(inode, name, value)
 
     @request
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        return self.fs.getxattr(inode, name)
+        return await self.fs.getxattr(inode, name)
 
     @request
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.fs.listxattr(inode)
+        return await self.fs.listxattr(inode)
 
     @request
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        self.fs.removexattr(inode, name)
+        await self.fs.removexattr(inode, name)
 
     @request
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        host = self.fs.statfs()
+        host = await self.fs.statfs()
         out = pyfuse3.StatvfsData()
-        out.f_bsize = host.f_bsize
-        out.f_frsize = host.f_frsize
-        out.f_blocks = host.f_blocks
-        out.f_bfree = host.f_bfree
-        out.f_bavail = host.f_bavail
-        out.f_files = host.f_files
-        out.f_ffree = host.f_ffree
-        out.f_favail = host.f_favail
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail"):
+            setattr(out, name, getattr(host, name))
         out.f_namemax = namespace.NAME_MAX_BYTES
         return out

@@ -287,11 +287,17 @@ class Txn:
 class Index:
     """The LMDB environment of a store."""
 
-    def __init__(self, path: Path, readonly: bool = False, create: bool = False) -> None:
+    def __init__(self, path: Path, readonly: bool = False, create: bool = False,
+                 sync_each_commit: bool = True) -> None:
+        """``sync_each_commit`` False: commits reach the OS at once (a killed process loses
+        none) but the disk only at ``sync``: the mount's group commit, which calls it at
+        fsync, fsyncdir, unmount and every ``SYNC_INTERVAL_S``."""
         self.path = path
+        self.unsynced = False  # commits since the last sync (when commits do not sync)
         try:
             self.env = lmdb.open(str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(DB_NAMES) + 2,
-                                 readonly=readonly, create=create, subdir=True, max_readers=512)
+                                 readonly=readonly, create=create, subdir=True, max_readers=512,
+                                 sync=sync_each_commit)
         except lmdb.Error as exc:
             raise StoreFormatError(
                 f"cannot open the index at {path}: {exc}; check that this is a hubfs store "
@@ -315,6 +321,7 @@ class Index:
         try:
             with self.env.begin(write=True) as txn:
                 yield Txn(txn, self.dbs)
+            self.unsynced = True
         except lmdb.MapFullError as exc:
             raise HubfsError(f"the index at {self.path} is full ({exc})") from exc
         except lmdb.DiskError as exc:
@@ -336,6 +343,18 @@ class Index:
             raise StoreFormatError(f"the settings in the index at {self.path} are damaged "
                                    f"({exc}): `hubfs verify --repair` restores a snapshot", 3
                                    ) from None
+
+    def sync(self) -> None:
+        """Make every committed transaction durable."""
+        self.unsynced = False  # a commit from now on sets it again
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            if "No space" in str(exc) or "quota" in str(exc).lower():
+                raise StoreFullError(f"no space left on the disk holding the index {self.path}:"
+                                     " free space there (or run `hubfs gc`) and retry") from exc
+            raise HubfsError(f"cannot write the index at {self.path}: {exc}; "
+                             "free space on its disk and retry") from exc
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.name.endswith(".mdb"))

@@ -13,11 +13,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import blake3
 
 from . import compression
-from .chunking import Chunker, ChunkerParams, ChunkSpan
+from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan
 from .contents import EMPTY, PreparedContent, content_id
 from .index import ContentTable, Index
 from .packs import ChunkLocation, PackWriter
@@ -26,6 +27,28 @@ log = logging.getLogger(__name__)
 
 # Chunks looked up per read transaction: short transactions keep LMDB from pinning old pages.
 LOOKUP_BATCH = 256
+# Read window while re-chunking around a small change: a few chunks, not 64 MiB.
+RESYNC_WINDOW_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Stored chunks a new version of a file keeps: ``head`` up to the first changed byte,
+    then, once chunking after the last change cuts where the old content cut (at an offset
+    in ``tail_at``), that old chunk and all after it. Storing a 4 KiB write into a 1 GiB file
+    then chunks a few MiB, not the whole file."""
+
+    head_ids: tuple[bytes, ...] = ()
+    head_lengths: tuple[int, ...] = ()
+    first_change: int = 0
+    tail_from: int = 0  # no tail cut is taken before this offset
+    tail_ids: tuple[bytes, ...] = ()
+    tail_lengths: tuple[int, ...] = ()
+    tail_at: dict[int, int] = field(default_factory=dict)  # cut offset -> index in tail_ids
+
+    @property
+    def restart(self) -> int:
+        return sum(self.head_lengths)
 
 
 class Ingestor:
@@ -62,14 +85,17 @@ class Ingestor:
 
     def prepare_stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
                        progress: Callable[[int], None] | None = None,
-                       prefix: tuple[list[bytes], list[int]] = ([], [])) -> PreparedContent:
+                       reuse: Reuse | None = None) -> PreparedContent:
         """Chunk a file and append the chunks the store lacks; the index is not changed.
 
-        ``prefix`` is the file's front, already ingested as chunks (ids, lengths) while it was
-        being written; chunking goes on from its end."""
-        ids, lengths = list(prefix[0]), list(prefix[1])
-        new, new_bytes = self.prepare_chunks(read, size, sum(lengths), True, ids, lengths,
-                                             progress)
+        With ``reuse`` (a new version of a stored or partly stored file), its head chunks are
+        kept, chunking starts at their end, and stops where it cuts where the old tail did."""
+        reuse = reuse or Reuse()
+        ids, lengths = list(reuse.head_ids), list(reuse.head_lengths)
+        if reuse.tail_ids and self._chunker().header_end(read, size) > reuse.first_change:
+            reuse = Reuse(reuse.head_ids, reuse.head_lengths, reuse.first_change)  # new layout
+        new, new_bytes = self.prepare_chunks(read, size, reuse.restart, True, ids, lengths,
+                                             progress, reuse)
         total = sum(lengths)
         if total == 0:
             return EMPTY
@@ -78,18 +104,27 @@ class Ingestor:
 
     def prepare_chunks(self, read: Callable[[int, int], bytes | memoryview], size: int,
                        start: int, final: bool, ids: list[bytes], lengths: list[int],
-                       progress: Callable[[int], None] | None = None
-                       ) -> tuple[dict[bytes, ChunkLocation], int]:
+                       progress: Callable[[int], None] | None = None,
+                       reuse: Reuse | None = None) -> tuple[dict[bytes, ChunkLocation], int]:
         """Chunk from ``start`` (a final cut), appending ids and lengths; returns the chunks
-        this call appended to packs (or found pending) and the stored bytes it added."""
+        this call appended to packs (or found pending) and the stored bytes it added. With a
+        tail in ``reuse``, reads small windows and ends on the first cut the old tail shares."""
         new: dict[bytes, ChunkLocation] = {}
         counts = [0]  # new stored bytes
         batch: list[tuple[bytes, ChunkSpan, memoryview]] = []
-        for span, data in self._chunker().stream(read, size, start, final):
+        tail = reuse if reuse is not None and reuse.tail_ids else None
+        window = RESYNC_WINDOW_BYTES if tail else WINDOW_BYTES
+        for span, data in self._chunker().stream(read, size, start, final, window):
             chunk_id = blake3.blake3(data).digest()
             ids.append(chunk_id)
             lengths.append(span.length)
             batch.append((chunk_id, span, data))
+            end = span.offset + span.length
+            if tail and end >= tail.tail_from and end in tail.tail_at:
+                j = tail.tail_at[end]
+                ids.extend(tail.tail_ids[j:])
+                lengths.extend(tail.tail_lengths[j:])
+                break
             if len(batch) >= LOOKUP_BATCH:
                 self._store_missing(batch, new, counts, progress)
                 batch = []

@@ -158,13 +158,13 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
           ingest_step_bytes: int, ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
     try:
-        store = Store(store_path)
+        store = Store(store_path, sync_each_commit=False)
     except HubfsError as exc:
         ready(exc.message)
         return
     try:
         fs = FileSystem(store, policy, ingest_step_bytes)
-        fs.recover()
+        trio.run(fs.recover)
         ops = Operations(fs)
         try:
             pyfuse3.init(ops, str(mountpoint), options)
@@ -176,30 +176,34 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
             return
         log.info("mounted %s at %s (options %s)", store_path, mountpoint, sorted(options))
         ready("ok")
+
         def run_gc(progress: Callable[[int, int], None], full: bool = False) -> dict[str, int]:
             result = gc.collect(store, progress, False, full).to_dict()
             repair.snapshot_or_warn(store.index, store.path)
             return result
 
         commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True)}
-        try:
-            trio.run(_serve_until_stopped, store, commands)
-        finally:
-            pyfuse3.close(unmount=True)
-            fs.flush_all()
-            repair.snapshot_or_warn(store.index, store.path)
-            log.info("unmounted %s", mountpoint)
+        trio.run(_serve_until_stopped, fs, commands)
+        repair.snapshot_or_warn(store.index, store.path)
+        log.info("unmounted %s", mountpoint)
     finally:
         store.close()
 
 
-async def _serve_until_stopped(store: Store, commands: dict[str, Callable[..., Any]]) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        nursery.start_soon(serve_control, store, commands)
-        nursery.start_soon(_snapshot_periodically, store)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]
+                               ) -> None:
+    """Serve requests until unmounted, then store everything still staged."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(serve_control, fs.store, commands)
+            nursery.start_soon(_snapshot_periodically, fs.store)
+            nursery.start_soon(fs.sync_periodically)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+    await fs.flush_all()
 
 
 async def _snapshot_periodically(store: Store) -> None:

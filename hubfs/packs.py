@@ -202,8 +202,12 @@ class PackWriter:
     def __init__(self, directory: Path, target_bytes: int = PACK_TARGET_BYTES) -> None:
         self.directory = directory
         self.target_bytes = target_bytes
+        # Lock order: _sync_lock, then _lock. _lock guards the fields below and is held only
+        # for an append's pwrite, never across an fsync.
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
         self._unsynced: dict[int, int] = {}  # pack id -> fd with bytes not yet fsync'd
+        self._retired: list[int] = []  # fds of sealed packs, closed by the next sync
         self._dir_unsynced = False
         existing = sorted(pack_ids(directory))
         self._pack_id = existing[-1] if existing else 0
@@ -230,8 +234,8 @@ class PackWriter:
             self._start_pack(pack_id + 1)
 
     def _start_pack(self, pack_id: int) -> None:
-        if self._fd >= 0 and self._pack_id not in self._unsynced:
-            os.close(self._fd)
+        if self._fd >= 0:
+            self._retired.append(self._fd)  # the next sync syncs (if need be) and closes it
         path = self.directory / pack_name(pack_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -263,7 +267,8 @@ class PackWriter:
                 raise
             self._end = offset + len(header) + len(stored)
             self._unsynced[self._pack_id] = self._fd
-        return ChunkLocation(self._pack_id, offset, codec, raw_len, len(stored), sums)
+            # under the lock: a concurrent append may start a new pack right after it
+            return ChunkLocation(self._pack_id, offset, codec, raw_len, len(stored), sums)
 
     @property
     def current_pack(self) -> int:
@@ -279,16 +284,29 @@ class PackWriter:
         fsync_directory(self.directory)
 
     def sync(self) -> None:
-        """Make every appended record durable (and the names of new pack files)."""
-        with self._lock:
-            pending, self._unsynced = self._unsynced, {}
-            dir_pending, self._dir_unsynced = self._dir_unsynced, False
-            for fd in pending.values():
-                os.fsync(fd)
-                if fd != self._fd:
-                    os.close(fd)
-            if dir_pending:
-                fsync_directory(self.directory)
+        """Make every record appended before this call durable (and new pack files' names).
+
+        Appends go on while the fsync runs. Callers that arrive meanwhile wait for it and
+        then find their records synced by it or sync what is left: one fsync serves many
+        (group commit)."""
+        with self._sync_lock:
+            with self._lock:
+                pending, self._unsynced = self._unsynced, {}
+                retired, self._retired = self._retired, []
+                dir_pending, self._dir_unsynced = self._dir_unsynced, False
+            try:
+                for fd in pending.values():
+                    os.fsync(fd)
+                if dir_pending:
+                    fsync_directory(self.directory)
+            except BaseException:
+                with self._lock:  # not durable: the next sync tries again
+                    self._unsynced = {**pending, **self._unsynced}
+                    self._retired = retired + self._retired
+                    self._dir_unsynced |= dir_pending
+                raise
+            for fd in retired:
+                os.close(fd)
 
     def close(self) -> None:
         self.sync()

@@ -147,13 +147,16 @@ class ContentReader:
             start = table.starts[i]
             loc = table.locations[i]
             lo, hi = pos - start, min(end - start, loc.raw_len)
-            if not decode and loc.codec != Codec.RAW and self._decoded.get(
-                    table.chunk_ids[i]) is None:
+            if not decode and not self.is_quick(table.chunk_ids[i], loc):
                 return None
             pieces.append(self.chunk_range(table.chunk_ids[i], loc, lo, hi))
             pos = start + hi
             i += 1
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def is_quick(self, chunk_id: bytes, loc: ChunkLocation) -> bool:
+        """Whether ``chunk_range`` of this chunk needs no decoding (raw, or decoded already)."""
+        return loc.codec == Codec.RAW or self._decoded.get(chunk_id) is not None
 
     def chunk_range(self, chunk_id: bytes, loc: ChunkLocation, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of one chunk's raw content."""

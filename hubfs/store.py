@@ -52,16 +52,28 @@ class IngestGate:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._shared += 1
+        self.enter_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
+            self.exit_shared()
+
+    def enter_shared(self, wait: bool = True) -> bool:
+        """Count one ingest in once no gc step runs or waits (False, without ``wait``, if one
+        does). An ingest may leave (``exit_shared``) from another thread than the one it
+        entered on: the mount prepares in a worker and registers on its trio thread."""
+        with self._cond:
+            while self._exclusive or self._waiting:
+                if not wait:
+                    return False
+                self._cond.wait()
+            self._shared += 1
+            return True
+
+    def exit_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            self._cond.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -80,7 +92,8 @@ class IngestGate:
 
 
 class Store:
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+    def __init__(self, path: Path, readonly: bool = False, sync_each_commit: bool = True
+                 ) -> None:
         self.path = path
         self.readonly = readonly
         self._lock_fd = -1
@@ -93,7 +106,8 @@ class Store:
         if not readonly:
             self._lock_fd = _take_lock(path)
         try:
-            self.index = Index(path / "index", readonly=readonly)
+            self.index = Index(path / "index", readonly=readonly,
+                               sync_each_commit=sync_each_commit)
             settings = self.index.settings()
             if settings.get("format") != FORMAT_VERSION:
                 raise StoreFormatError(
@@ -156,6 +170,7 @@ class Store:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.index.sync()
         self.packs.close()
         self.index.close()
         self._release_lock()
@@ -178,6 +193,15 @@ class Store:
         if self.writer is None:
             raise HubfsError(f"store {self.path} is open read-only", 2)
         self.writer.sync()
+        with self.index.write() as txn:
+            yield txn
+
+    @contextmanager
+    def metadata_write(self) -> Iterator[Txn]:
+        """A write transaction for changes that reference no newly appended pack bytes (names,
+        attributes, or content whose packs the caller synced): it waits for no fsync."""
+        if self.writer is None:
+            raise HubfsError(f"store {self.path} is open read-only", 2)
         with self.index.write() as txn:
             yield txn
 

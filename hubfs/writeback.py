@@ -1,0 +1,419 @@
+"""Write-back: a file's written bytes, from its first write until they are stored content.
+
+Every file with unstored writes has a ``Staging`` (staging.py). This module decides when and how
+its bytes become stored content:
+
+- *front ingest*: while a file grows front to back (a download), every ``step_bytes`` its
+  finished front is stored and cut out of the staging file;
+- *commit*: when the last writer closes the file (or a truncate by path, or unmount), the
+  staging is stored and the inode switched to the result; only what changed is chunked again;
+- *recovery*: at mount, stagings a crash left behind are committed.
+
+Concurrency (the whole picture is in vfs.py): every method here runs on the mount's trio
+thread, which owns ``_files`` and every Staging. Chunking, hashing, compression and pack
+appends run in worker threads on an immutable ``Snapshot`` and hand back prepared content;
+the trio thread then registers it and switches the inode and this module's state in one step
+(no ``await`` between the index transaction and the state change), so no request can see the
+index and the in-memory state disagree. One trio lock per file (``Pending.busy``) keeps one
+front ingest or commit of it at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from . import contents, namespace
+from .contents import PreparedContent
+from .errors import FsError, HubfsError, IntegrityError, StoreFullError
+from .index import Inode
+from .packs import ChunkLocation
+from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Staging
+from .store import Store
+from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class NeedsDecoding(Exception):
+    """A read would decode a compressed chunk: too slow for the trio thread."""
+
+
+@dataclass(eq=False)
+class Pending:
+    """A file with unstored writes."""
+
+    staging: Staging
+    busy: trio.Lock = field(default_factory=trio.Lock)
+
+
+class GroupSync:
+    """One fsync for many waiters: each caller returns after a sync that started after it
+    called, so everything it appended before is durable. Callers that arrive while a sync
+    runs share the next one (group commit)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._started = 0
+        self._done = 0
+        self._running: trio.Event | None = None
+
+    async def __call__(self) -> None:
+        target = self._started + 1
+        while self._done < target:
+            if self._running is not None:
+                await self._running.wait()
+                continue
+            self._running = running = trio.Event()
+            self._started += 1
+            epoch = self._started
+            try:
+                await trio.to_thread.run_sync(self._sync)
+                self._done = epoch
+            finally:
+                self._running = None
+                running.set()
+
+
+class WriteBack:
+    def __init__(self, store: Store, step_bytes: int, limiter: trio.CapacityLimiter,
+                 writers: Callable[[int], int],
+                 switched: Callable[[int, bytes], None]) -> None:
+        if store.ingestor is None or store.writer is None:
+            raise ValueError("write-back needs a writable store")
+        self.store = store
+        self.ingestor = store.ingestor
+        self.step_bytes = step_bytes
+        self.staging_dir = store.path / "staging"
+        self._limiter = limiter
+        self._writers = writers  # how many open handles may still write an inode
+        self._switched = switched  # told when a commit gave an inode new content
+        self._files: dict[int, Pending] = {}
+        self._sync_packs = GroupSync(store.writer.sync)
+
+    async def _thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    # -- what the rest of the mount asks
+    def staged(self, ino: int) -> Staging | None:
+        pending = self._files.get(ino)
+        return pending.staging if pending else None
+
+    def busy(self, ino: int) -> bool:
+        """A front ingest or commit of the inode is under way."""
+        pending = self._files.get(ino)
+        return pending is not None and pending.busy.locked()
+
+    def counts(self) -> dict[str, int]:
+        return {"staged_files": len(self._files),
+                "ingests_running": sum(p.busy.locked() for p in self._files.values()),
+                "staged_bytes": sum(p.staging.size for p in self._files.values())}
+
+    # -- writes
+    def for_write(self, ino: int, inode: Inode, keep: bool) -> Staging:
+        """The inode's staging, made now if it has none: over its stored content when the
+        bytes are kept (nothing is copied), else empty."""
+        pending = self._files.get(ino)
+        if pending is not None:
+            return pending.staging
+        if keep and inode.size:
+            table = self.store.reader.table(inode.content_id)
+            staging = Staging.over(self.staging_dir, ino, inode.mtime_ns, inode.content_id,
+                                   table.chunk_ids, tuple(loc.raw_len for loc in table.locations))
+        else:
+            staging = Staging.create(self.staging_dir, ino, inode.mtime_ns)
+        self._files[ino] = Pending(staging)
+        return staging
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        """Write into the inode's staging (``for_write`` made it)."""
+        pending = self._files[ino]
+        staging = pending.staging
+        written = staging.write(offset, data, namespace.now_ns())
+        if staging.front_due(self.step_bytes) and not pending.busy.locked():
+            await self._ingest_front(ino, pending)  # the writer waits: staging stays bounded
+        return written
+
+    def truncate(self, ino: int, inode: Inode, size: int) -> None:
+        staging = self.for_write(ino, inode, keep=size > 0)
+        self._unpin(staging.truncate(size, namespace.now_ns()))
+
+    def set_mtime(self, ino: int, mtime_ns: int) -> None:
+        """A utime of a staged file: its commit must write this time, not the write's."""
+        staging = self.staged(ino)
+        if staging is not None:
+            staging.mtime_ns = mtime_ns
+
+    async def fsync(self, ino: int) -> None:
+        """Make a staged file's bytes durable (``recover`` finds them after a crash)."""
+        staging = self.staged(ino)
+        if staging is None:
+            return
+
+        def sync() -> None:
+            with staging.in_use() as alive:
+                if alive:  # else a commit stored it, durably
+                    staging.sync()
+                    _check_room(self.store.path, staging)
+
+        await self._thread(sync)
+
+    # -- reads of staged files
+    def read(self, staging: Staging, offset: int, size: int) -> bytes:
+        """Inline read; raises ``NeedsDecoding`` when a compressed chunk is in the way."""
+        return staging.read(offset, size, self._quick_chunk_bytes)
+
+    async def read_decoding(self, staging: Staging, offset: int, size: int) -> bytes | None:
+        """Read in a worker thread; None when the staging was stored and dropped meanwhile."""
+        snap = staging.snapshot()
+
+        def read() -> bytes | None:
+            with staging.in_use() as alive:
+                return snap.read(offset, size, self._chunk_bytes) if alive else None
+
+        return await self._thread(read)
+
+    def _location(self, chunk_id: bytes) -> ChunkLocation:
+        with self.store.read() as txn:
+            entry = txn.chunk(chunk_id)
+        if entry is None:
+            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} of a file being written is gone "
+                                 "from the index; run `hubfs verify`", chunk_id)
+        return entry.location
+
+    def _chunk_bytes(self, chunk_id: bytes, lo: int, hi: int) -> bytes:
+        return self.store.reader.chunk_range(chunk_id, self._location(chunk_id), lo, hi)
+
+    def _quick_chunk_bytes(self, chunk_id: bytes, lo: int, hi: int) -> bytes:
+        loc = self._location(chunk_id)
+        if not self.store.reader.is_quick(chunk_id, loc):
+            raise NeedsDecoding
+        return self.store.reader.chunk_range(chunk_id, loc, lo, hi)
+
+    # -- storing
+    @asynccontextmanager
+    async def _prepared(self, prepare: Callable[[], T]) -> AsyncIterator[T]:
+        """Run ``prepare`` (chunk and append to packs) in a worker, sync the packs, and hold
+        gc off until the caller has put the result in the index, on this thread."""
+        gate = self.store.ingest_gate
+        if not gate.enter_shared(wait=False):
+            await trio.to_thread.run_sync(gate.enter_shared)  # a gc step runs: wait off-thread
+        try:
+            result = await self._thread(prepare)
+            await self._sync_packs()  # pack bytes durable before any index entry names them
+            yield result
+        finally:
+            gate.exit_shared()
+
+    async def _ingest_front(self, ino: int, pending: Pending) -> None:
+        async with pending.busy:
+            staging = pending.staging
+            if self._files.get(ino) is not pending or not staging.front_due(self.step_bytes):
+                return
+            snap = staging.snapshot()
+            start, size, overwrites = staging.base_len, snap.layout.size, staging.overwrites
+
+            def unchanged() -> bool:
+                return (self._files.get(ino) is pending and staging.overwrites == overwrites
+                        and staging.base_len == start)
+
+            def prepare() -> tuple[dict[bytes, ChunkLocation], list[bytes], list[int]] | None:
+                with staging.in_use() as alive:
+                    if not alive:
+                        return None
+
+                    def read(offset: int, length: int) -> bytes:
+                        return snap.read(offset, length, self._chunk_bytes)
+
+                    if header_incomplete(read(0, HEADER_PROBE_BYTES), size):
+                        return None  # tensor boundaries unknown until the header is written
+                    ids: list[bytes] = []
+                    lengths: list[int] = []
+                    new, _ = self.ingestor.prepare_chunks(read, size, start, False, ids, lengths)
+                    return new, ids, lengths
+
+            async with self._prepared(prepare) as result:
+                if result is None or not result[1] or not unchanged():
+                    return
+                new, ids, lengths = result
+                with self.store.metadata_write() as txn:
+                    contents.register_chunks(txn, new)
+                self.ingestor.committed(new)
+                self._pin(ids)
+            # the sidecar is about to name these chunks: their index entries must outlive an
+            # OS crash before the staging file's copy of the bytes is punched out
+            await self._thread(self.store.index.sync)
+            if not unchanged():
+                self._unpin(ids)  # a write changed those bytes meanwhile: keep them staged
+                return
+            staging.add_front(ids, lengths)
+        log.debug("inode %d: front stored up to %d", ino, staging.base_len)
+
+    async def commit(self, ino: int, *, force: bool = False) -> None:
+        """Store a file's staging and switch the inode to it. Goes round again while writes
+        land meanwhile; leaves the staging to a later close while a writer has the file open
+        (unless ``force``: unmount and recovery)."""
+        pending = self._files.get(ino)
+        if pending is None:
+            return
+        async with pending.busy:
+            while self._files.get(ino) is pending and (force or not self._writers(ino)):
+                if await self._commit_once(ino, pending):
+                    return
+
+    async def _commit_once(self, ino: int, pending: Pending) -> bool:
+        """One try; False when a write changed the staging meanwhile."""
+        staging = pending.staging
+        snap = staging.snapshot()
+        reuse = snap.reuse()
+
+        def prepare() -> PreparedContent | None:
+            with staging.in_use() as alive:
+                if not alive:
+                    return None
+                return self.ingestor.prepare_stream(
+                    lambda o, n: snap.read(o, n, self._chunk_bytes), snap.layout.size,
+                    reuse=reuse)
+
+        async with self._prepared(prepare) as prepared:
+            if prepared is None:
+                return True
+            if staging.generation != snap.generation:
+                self.ingestor.committed(prepared)
+                return False
+            with self.store.metadata_write() as txn:
+                inode = txn.inode(ino)
+                alive = inode is not None and inode.nlink > 0
+                if alive:
+                    contents.register(txn, prepared)
+                    inode = namespace.set_content(txn, ino, prepared.content_id,
+                                                  prepared.table.size)
+                    txn.put_inode(ino, inode.with_(mtime_ns=staging.mtime_ns))
+            self.ingestor.committed(prepared)
+        if not alive:
+            return True  # unlinked meanwhile: removing the inode drops the staging
+        del self._files[ino]
+        self._discard(staging)
+        self._switched(ino, prepared.content_id)
+        log.debug("committed inode %d", ino)
+        return True
+
+    def drop(self, ino: int) -> None:
+        """Forget an inode's unstored writes (the inode is being removed)."""
+        pending = self._files.pop(ino, None)
+        if pending is not None:
+            self._discard(pending.staging)
+
+    async def flush_all(self) -> None:
+        """Commit every staged file (at unmount)."""
+        for ino in list(self._files):
+            try:
+                await self.commit(ino, force=True)
+            except HubfsError as exc:  # a full disk: expected, say it in one line
+                log.error("inode %d is not stored at unmount (%s); its staging file is kept "
+                          "for the next mount", ino, exc.message)
+            except Exception:
+                log.exception("could not store inode %d at unmount; its staging file is kept "
+                              "and will be recovered at the next mount", ino)
+
+    # -- pins: chunks at refcount 0 that a staged front still needs; gc must keep them
+    def _pin(self, ids: list[bytes]) -> None:
+        with self.store.pinned_lock:
+            self.store.pinned.update(ids)
+
+    def _unpin(self, ids: list[bytes]) -> None:
+        with self.store.pinned_lock:
+            self.store.pinned.subtract(ids)
+            for chunk_id in ids:
+                if self.store.pinned[chunk_id] <= 0:
+                    del self.store.pinned[chunk_id]
+
+    def _discard(self, staging: Staging) -> None:
+        staging.discard()
+        self._unpin(staging.front_ids)
+
+    # -- mount-time recovery
+    async def recover(self) -> None:
+        """Commit the stagings a crash left behind."""
+        newest: dict[int, str] = {}
+        for entry in sorted(os.scandir(self.staging_dir), key=lambda e: e.name):
+            if entry.name.endswith((SIDECAR_SUFFIX, OLD_SIDECAR_SUFFIX)):
+                continue  # read with its staging file
+            ino = Staging.inode_of(entry.name)
+            if ino is None:
+                log.warning("removing stray file %s from staging", entry.path)
+                os.unlink(entry.path)
+                continue
+            if ino in newest:  # names sort by time: an older staging was being replaced
+                _remove_staging_files(newest[ino])
+            newest[ino] = entry.path
+        for ino, path in newest.items():
+            staging = self._reopen(ino, path)
+            if staging is None:
+                continue
+            self._pin(staging.front_ids)
+            self._files[ino] = Pending(staging)
+            try:
+                await self.commit(ino, force=True)
+            except StoreFullError as exc:
+                log.error("inode %d keeps its %d bytes in staging, not stored yet: %s", ino,
+                          staging.size, exc.message)
+                continue
+            log.warning("recovered %d bytes written to inode %d before the last crash",
+                        staging.size, ino)
+
+    def _reopen(self, ino: int, path: str) -> Staging | None:
+        """A crash's staging, if it still belongs to its inode."""
+        with self.store.read() as txn:
+            inode = txn.inode(ino)
+        try:
+            staging = Staging.reopen(Path(path), self._content_chunks)
+        except (OSError, ValueError, IntegrityError) as exc:
+            log.warning("dropping staging file %s: it cannot be read back (%s)", path, exc)
+            _remove_staging_files(path)
+            return None
+        with self.store.read() as txn:
+            missing = sum(txn.chunk(c) is None for c in staging.base_ids)
+        why = ""
+        if inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0:
+            why = "its inode is gone"
+        elif missing:
+            why = f"{missing} of its stored chunks are gone"
+        elif staging.base_content and staging.base_content != inode.content_id:
+            why = "it was stored already"
+        if why:
+            log.warning("dropping staging file %s: %s", path, why)
+            staging.discard()
+            return None
+        return staging
+
+    def _content_chunks(self, content_id: bytes) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
+        table = self.store.reader.table(content_id)
+        return table.chunk_ids, tuple(loc.raw_len for loc in table.locations)
+
+
+def _remove_staging_files(path: str) -> None:
+    for suffix in ("", SIDECAR_SUFFIX, OLD_SIDECAR_SUFFIX):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def _check_room(store_path: Path, staging: Staging) -> None:
+    """ENOSPC at fsync when the disk cannot take the file's unstored bytes once more (as
+    chunks): better than a close that seems fine and a file that cannot be stored."""
+    free = os.statvfs(store_path)
+    if free.f_bavail * free.f_frsize < staging.size - staging.base_len:
+        raise FsError(errno.ENOSPC, "the store's disk cannot take this file")
