@@ -276,6 +276,11 @@ class Staging:
         return self.base_starts[-1] + self.base_lengths[-1] if self.base_ids else 0
 
     @property
+    def staged_bytes(self) -> int:
+        """Bytes held by the staging file: what storing this file may add at most."""
+        return sum(end - start for start, end in self.extents.pairs())
+
+    @property
     def front_ids(self) -> list[bytes]:
         """Base chunks that no stored content holds (the stored front): pinned against gc."""
         return [] if self.base_content else self.base_ids

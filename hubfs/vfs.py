@@ -278,9 +278,11 @@ class FileSystem:
         handle = self.open_files.close(fh)
         if handle is None:
             return
-        if handle.writable and not self.open_files.writers(handle.ino):
-            await self.writeback.commit(handle.ino)
-        self._remove_if_unused(handle.ino)
+        try:
+            if handle.writable and not self.open_files.writers(handle.ino):
+                await self.writeback.commit(handle.ino)
+        finally:  # a failed commit (a full disk) keeps the staging, but an unlinked file goes
+            self._remove_if_unused(handle.ino)
 
     async def statfs(self) -> os.statvfs_result:
         return self.names.statfs()

@@ -20,7 +20,6 @@ front ingest or commit of it at a time.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -34,7 +33,7 @@ import trio
 
 from . import contents, namespace
 from .contents import PreparedContent
-from .errors import FsError, HubfsError, IntegrityError, StoreFullError
+from .errors import HubfsError, IntegrityError, StoreFullError
 from .index import Inode
 from .packs import ChunkLocation
 from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Staging
@@ -44,6 +43,9 @@ from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Writes into staging stop this far from a full disk, so that the index can still record a
+# rename or an unlink and a commit can free the staging (ext4 keeps a reserve for root alike).
+DISK_RESERVE_BYTES = 8 * 1024 * 1024
 
 
 class NeedsDecoding(Exception):
@@ -118,7 +120,7 @@ class WriteBack:
     def counts(self) -> dict[str, int]:
         return {"staged_files": len(self._files),
                 "ingests_running": sum(p.busy.locked() for p in self._files.values()),
-                "staged_bytes": sum(p.staging.size for p in self._files.values())}
+                "staged_bytes": sum(p.staging.staged_bytes for p in self._files.values())}
 
     # -- writes
     def for_write(self, ino: int, inode: Inode, keep: bool) -> Staging:
@@ -140,6 +142,10 @@ class WriteBack:
         """Write into the inode's staging (``for_write`` made it)."""
         pending = self._files[ino]
         staging = pending.staging
+        free = os.statvfs(self.staging_dir)
+        if free.f_bavail * free.f_frsize < len(data) + DISK_RESERVE_BYTES:
+            raise StoreFullError(f"the disk holding the store {self.store.path} is full: free "
+                                 "space there (or run `hubfs gc`) and write again")
         written = staging.write(offset, data, namespace.now_ns())
         if staging.front_due(self.step_bytes) and not pending.busy.locked():
             await self._ingest_front(ino, pending)  # the writer waits: staging stays bounded
@@ -275,6 +281,7 @@ class WriteBack:
     async def _commit_once(self, ino: int, pending: Pending) -> bool:
         """One try; False when a write changed the staging meanwhile."""
         staging = pending.staging
+        _check_room(self.store.path, staging)  # fail before appending what cannot all fit
         snap = staging.snapshot()
         reuse = snap.reuse()
 
@@ -415,5 +422,8 @@ def _check_room(store_path: Path, staging: Staging) -> None:
     """ENOSPC at fsync when the disk cannot take the file's unstored bytes once more (as
     chunks): better than a close that seems fine and a file that cannot be stored."""
     free = os.statvfs(store_path)
-    if free.f_bavail * free.f_frsize < staging.size - staging.base_len:
-        raise FsError(errno.ENOSPC, "the store's disk cannot take this file")
+    if free.f_bavail * free.f_frsize < staging.staged_bytes:
+        raise StoreFullError(f"the disk holding the store {store_path} cannot take this file's "
+                             f"{staging.staged_bytes} written bytes: free space there (or run "
+                             "`hubfs gc`); the file stays readable and is stored at its next "
+                             "close or mount")
