@@ -3,7 +3,8 @@
 Several writer processes loop write -> close -> rename -> open -> read on one mount with
 ``--ingest-step-mib 1``, sizes from 0 to 24 MiB clustered around the ingest step. Each renamed
 name goes down a pipe to a reader in another process, which opens it at once and checks every
-byte. The content is derived from the seed and size in the name, so a reader needs nothing else.
+byte, then re-opens it a few times to check its size, head and tail (each open races the
+commit that the close started). The content is derived from the seed and size in the name, so a reader needs nothing else.
 A wrong read is a file that opens but whose size or bytes differ: a client loading a truncated
 model. The run is bounded in time and iterations; the store must verify clean afterwards.
 
@@ -29,6 +30,8 @@ STEP_MIB = 1
 MAX_BYTES = 24 * MIB
 KEEP_FILES = 8  # each writer deletes its files older than this: bounded disk use
 SAFETENSORS_LEN = struct.Struct("<Q")
+PROBES = 3  # quick re-opens by the reader after its full read of each file
+PROBE_BYTES = 4096
 
 
 # -- content, derived from the name alone
@@ -71,19 +74,38 @@ def pick_size(rng: random.Random) -> int:
     return rng.randrange(12 * MIB, MAX_BYTES + 1)
 
 
-def check(path: Path) -> dict[str, Any] | None:
+def check(path: Path, expected: bytes | None = None) -> dict[str, Any] | None:
     """Open and read ``path`` at once; None when its bytes are right, else what was wrong.
     A file already deleted by its writer raises FileNotFoundError."""
     seed, size = parse_name(path.name)
     with open(path, "rb") as f:
         st_size = os.fstat(f.fileno()).st_size
         got = f.read()
-    if st_size == size and got == content(seed, size):
+    expected = content(seed, size) if expected is None else expected
+    if st_size == size and got == expected:
         return None
-    first = next((i for i, (a, b) in enumerate(zip(got, content(seed, size))) if a != b),
+    first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
                  min(len(got), size))
     return {"name": path.name, "expected": size, "st_size": st_size, "read": len(got),
             "first_wrong_byte": first}
+
+
+def probe(path: Path, expected: bytes) -> dict[str, Any] | None:
+    """A quick open: size, first and last 4 KiB. Each open races the file's commit again,
+    which is where a stale size or stale content shows."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st_size = os.fstat(fd).st_size
+        head = os.pread(fd, PROBE_BYTES, 0)
+        tail_at = max(len(expected) - PROBE_BYTES, 0)
+        tail = os.pread(fd, PROBE_BYTES, tail_at)
+    finally:
+        os.close(fd)
+    if (st_size == len(expected) and head == expected[:PROBE_BYTES]
+            and tail == expected[tail_at:]):
+        return None
+    return {"name": path.name, "expected": len(expected), "st_size": st_size,
+            "read": len(head), "first_wrong_byte": -1, "probe": True}
 
 
 # -- the worker processes
@@ -121,14 +143,16 @@ def reader(directory: Path, announce_fd: int) -> dict[str, Any]:
     wrong: list[dict[str, Any]] = []
     with os.fdopen(announce_fd, "rb") as announcements:
         for line in announcements:  # until every writer has closed its end
+            path = directory / line.strip().decode()
+            expected = content(*parse_name(path.name))
             try:
-                problem = check(directory / line.strip().decode())
+                problems = [check(path, expected)]
+                problems += [probe(path, expected) for _ in range(PROBES)]
             except FileNotFoundError:
                 gone += 1
                 continue
             checked += 1
-            if problem is not None:
-                wrong.append({**problem, "by": "reader"})
+            wrong += [{**p, "by": "reader"} for p in problems if p is not None]
     return {"checked": checked, "gone": gone, "wrong": wrong}
 
 
