@@ -35,7 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import MIB, HubfsMount, Measurement, _filesystem, machine_facts, write_result
+from common import (
+    MIB,
+    HubfsMount,
+    Measurement,
+    _filesystem,
+    machine_facts,
+    syncfs,
+    write_result,
+)
 
 from hubfs.store import Store
 
@@ -115,6 +123,7 @@ def main() -> int:
     with mount:
         log.info("writing %d MiB natively and through the mount ...", args.size_mib)
         write_file(native / "big.bin", size, seed=1)
+        syncfs(native)  # else the first native fsync below flushes the whole file
         start = time.perf_counter()
         write_file(mount.path / "big.bin", size, seed=1)
         first_close_s = time.perf_counter() - start
