@@ -118,6 +118,10 @@ def plot_versus_native(docs: list[dict[str, Any]], out: Path) -> None:
     series = [(doc["_label"], [by[n].get("ratio") if n in by else None for n in names])
               for doc, by in zip(docs, rows)]
     _grouped_barh(ax, names, series, room=1.2)
+    ratios = [v for _, vs in series for v in vs if v]
+    if ratios and max(ratios) / min(ratios) > 50:  # orders of magnitude apart: log scale
+        ax.set_xscale("log")
+        ax.set_xlim(min(min(ratios), 1.0) / 2, max(ratios) * 4)
     ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
     for i, name in enumerate(names):
         target = rows[0].get(name, {}).get("target_ratio")
