@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -400,3 +401,85 @@ def write_result(name: str, measurements: list[Measurement], facts: dict[str, An
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# -- a real mount, driven through the CLI as a user would
+def hubfs_cli(*args: str, timeout_s: float = 900.0) -> subprocess.CompletedProcess[str]:
+    """``hubfs ARGS`` in a child process (this interpreter, so PYTHONPATH picks the code)."""
+    return subprocess.run([sys.executable, "-m", "hubfs.cli", *args], capture_output=True,
+                          text=True, check=False, timeout=timeout_s)
+
+
+def syncfs(path: Path) -> None:
+    """``syncfs(2)`` on the filesystem holding ``path``: flushes that filesystem only, where
+    ``os.sync`` would also flush every other job's dirty pages on a shared machine."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY if path.is_dir() else os.O_RDONLY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+class HubfsMount:
+    """A fresh store at ``store`` mounted at ``mountpoint`` (``hubfs init``, ``hubfs mount``);
+    leaving the block runs ``hubfs umount`` (lazy ``fusermount3 -uz`` if that fails).
+
+    ``verify()`` runs ``hubfs verify`` after the unmount; ``umount_s`` is how long the unmount
+    took (it waits until the daemon has stored everything still open).
+    """
+
+    def __init__(self, store: Path, mountpoint: Path, *mount_args: str) -> None:
+        self.store = store
+        self.path = mountpoint
+        self.mount_args = mount_args
+        self.umount_s: float | None = None
+        self.umount_error = ""
+
+    def __enter__(self) -> Self:
+        subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True, check=False)
+        if self.store.exists():
+            shutil.rmtree(self.store)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for args in (("init", str(self.store)),
+                     ("mount", str(self.store), str(self.path), *self.mount_args)):
+            done = hubfs_cli(*args)
+            if done.returncode != 0:
+                raise RuntimeError(f"hubfs {args[0]} failed: {done.stderr.strip()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.umount()
+
+    def umount(self) -> None:
+        if self.umount_s is not None:
+            return
+        start = time.perf_counter()
+        done = hubfs_cli("umount", str(self.path))
+        self.umount_s = time.perf_counter() - start
+        if done.returncode != 0:
+            self.umount_error = done.stderr.strip()
+            log.error("hubfs umount failed (%s); unmounting lazily", self.umount_error)
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True,
+                           check=False)
+
+    def verify(self) -> dict[str, Any]:
+        """``hubfs verify`` of the unmounted store: exit code, seconds, its last lines."""
+        self.umount()
+        start = time.perf_counter()
+        done = hubfs_cli("verify", str(self.store))
+        out = (done.stdout + done.stderr).strip().splitlines()
+        return {"ok": done.returncode == 0, "exit_code": done.returncode,
+                "seconds": round(time.perf_counter() - start, 3), "output": out[-8:]}
+
+    def log_problems(self) -> list[str]:
+        """ERROR/WARNING/Traceback lines of the daemon's log."""
+        log_file = self.store / "hubfs.log"
+        if not log_file.exists():
+            return []
+        return [line for line in log_file.read_text(errors="replace").splitlines()
+                if " ERROR " in line or " WARNING " in line or "Traceback" in line]

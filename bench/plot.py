@@ -1,4 +1,5 @@
-"""Bar charts of benchmark result files: throughputs, ratios to `cp`, stage times, store ratios.
+"""Bar charts of benchmark result files: throughputs, ratios to `cp` or to native, stage times,
+store ratios.
 
 One or more result files (``bench/results/*.json``) go into one PNG; several files show side
 by side (one colour each), to compare commits or machines. matplotlib is a bench-only
@@ -79,7 +80,66 @@ def _grouped_barh(ax: Any, names: list[str], series: list[tuple[str, list[float 
     ax.grid(axis="x", alpha=0.3)
 
 
+def plot_versus_native(docs: list[dict[str, Any]], out: Path) -> None:
+    """Result files with ``versus_native`` rows (untar, fsstress, inplace): operations a
+    second on each side, and the hubfs/native time ratio against its target."""
+    names: list[str] = []
+    for doc in docs:
+        for row in doc["versus_native"]:
+            if row["name"] not in names:
+                names.append(row["name"])
+    rows = [{r["name"]: r for r in doc["versus_native"]} for doc in docs]
+    height = 0.45 * len(names) * len(docs) ** 0.5 + 1.5
+    fig, axes = plt.subplots(2, 1, figsize=(11, 2 * height + 1.5))
+    first = docs[0]
+    facts = first.get("machine", {})
+    fig.suptitle(f"hubfs {first.get('benchmark', '')}: {facts.get('cpu_count')} cpus, "
+                 f"kernel {facts.get('kernel')}, native on "
+                 f"{first.get('native_filesystem', '?')}", fontsize=11)
+
+    ax = axes[0]
+    series: list[tuple[str, list[float | None]]] = []
+    for doc, by in zip(docs, rows):
+        suffix = f" {doc['_label']}" if len(docs) > 1 else ""
+        for side in ("native", "hubfs"):
+            series.append((side + suffix, [by[n].get(f"{side}_per_s") if n in by else None
+                                           for n in names]))
+    _grouped_barh(ax, [f"{n} ({rows[0][n]['unit']}/s)" if n in rows[0] else n for n in names],
+                  series, room=1.25)
+    values = [v for _, vs in series for v in vs if v]
+    ax.set_xscale("log")
+    if values:
+        ax.set_xlim(min(values) / 2, max(values) * 4)
+    ax.set_xlabel("operations a second (median run; log scale; missing bar: did not finish)")
+    ax.set_title("rate", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+
+    ax = axes[1]
+    series = [(doc["_label"], [by[n].get("ratio") if n in by else None for n in names])
+              for doc, by in zip(docs, rows)]
+    _grouped_barh(ax, names, series, room=1.2)
+    ratios = [v for _, vs in series for v in vs if v]
+    if ratios and max(ratios) / min(ratios) > 50:  # orders of magnitude apart: log scale
+        ax.set_xscale("log")
+        ax.set_xlim(min(min(ratios), 1.0) / 2, max(ratios) * 4)
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    for i, name in enumerate(names):
+        target = rows[0].get(name, {}).get("target_ratio")
+        if target:
+            ax.plot([target, target], [i - 0.45, i + 0.45], color="red", linewidth=2)
+            ax.text(target, i - 0.45, f"target {target:g}x", color="red", fontsize=7,
+                    ha="center", va="bottom")
+    ax.set_xlabel("hubfs time / native time (median; red line: target)")
+    ax.set_title("ratio to the same work on the native filesystem", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot(docs: list[dict[str, Any]], out: Path) -> None:
+    if any("versus_native" in doc for doc in docs):
+        plot_versus_native([doc for doc in docs if "versus_native" in doc], out)
+        return
     names = _names(docs, stages=False)
     stage_names = _names(docs, stages=True)
     has_stats = any(doc.get("store_stats") for doc in docs)
