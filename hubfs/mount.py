@@ -15,6 +15,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 FS_TYPE = "fuse.hubfs"
 LOG_NAME = "hubfs.log"
 UMOUNT_WAIT_S = 600.0
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,9 @@ def _detach(store: Path) -> None:
 def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
           ingest_step_bytes: int, ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
+    # Worker threads chunk and hash in Python: with the default 5 ms GIL switch interval every
+    # request on the trio thread could wait that long behind them.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         store = Store(store_path, sync_each_commit=False)
     except HubfsError as exc:
@@ -193,17 +198,17 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
 async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]
                                ) -> None:
     """Serve requests until unmounted, then store everything still staged."""
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            nursery.start_soon(serve_control, fs.store, commands)
-            nursery.start_soon(_snapshot_periodically, fs.store)
-            nursery.start_soon(fs.sync_periodically)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        pyfuse3.close(unmount=True)
-    await fs.flush_all()
+    async with fs.running():
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(serve_control, fs.store, commands)
+                nursery.start_soon(_snapshot_periodically, fs.store)
+                nursery.start_soon(fs.sync_periodically)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
 
 
 async def _snapshot_periodically(store: Store) -> None:

@@ -47,7 +47,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -91,7 +92,8 @@ class FileSystem:
         self.names = Names(store, policy or Policy())
         self.open_files = OpenFiles()
         self.writeback = WriteBack(store, ingest_step_bytes, self.limiter,
-                                   self.open_files.writers, self._switched)
+                                   self.open_files.writers, self._switched,
+                                   self._remove_if_unused)
 
     def _switched(self, ino: int, content_id: bytes) -> None:
         # the kernel's pages of a file written through this mount hold exactly these bytes
@@ -278,11 +280,9 @@ class FileSystem:
         handle = self.open_files.close(fh)
         if handle is None:
             return
-        try:
-            if handle.writable and not self.open_files.writers(handle.ino):
-                await self.writeback.commit(handle.ino)
-        finally:  # a failed commit (a full disk) keeps the staging, but an unlinked file goes
-            self._remove_if_unused(handle.ino)
+        if handle.writable and not self.open_files.writers(handle.ino):
+            await self.writeback.closed(handle.ino)
+        self._remove_if_unused(handle.ino)
 
     async def statfs(self) -> os.statvfs_result:
         return self.names.statfs()
@@ -303,9 +303,12 @@ class FileSystem:
         if removed:
             log.warning("removed %d unlinked inodes left open at the last crash", removed)
 
-    async def flush_all(self) -> None:
-        """At unmount: store every staged file and make the index durable."""
-        await self.writeback.flush_all()
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Serve with background commits; at exit (unmount) store every staged file and make
+        the index durable."""
+        async with self.writeback.running():
+            yield
         await self.sync_index()
 
     def status(self) -> dict[str, int]:

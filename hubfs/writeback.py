@@ -46,6 +46,7 @@ T = TypeVar("T")
 # Writes into staging stop this far from a full disk, so that the index can still record a
 # rename or an unlink and a commit can free the staging (ext4 keeps a reserve for root alike).
 DISK_RESERVE_BYTES = 8 * 1024 * 1024
+MAX_BACKGROUND_COMMITS = 256
 
 
 class NeedsDecoding(Exception):
@@ -91,7 +92,8 @@ class GroupSync:
 class WriteBack:
     def __init__(self, store: Store, step_bytes: int, limiter: trio.CapacityLimiter,
                  writers: Callable[[int], int],
-                 switched: Callable[[int, bytes], None]) -> None:
+                 switched: Callable[[int, bytes], None], idle: Callable[[int], None]
+                 ) -> None:
         if store.ingestor is None or store.writer is None:
             raise ValueError("write-back needs a writable store")
         self.store = store
@@ -101,6 +103,10 @@ class WriteBack:
         self._limiter = limiter
         self._writers = writers  # how many open handles may still write an inode
         self._switched = switched  # told when a commit gave an inode new content
+        self._idle = idle  # told when a background commit is over (the inode may be unused)
+        self._nursery: trio.Nursery | None = None
+        self._background = trio.Semaphore(MAX_BACKGROUND_COMMITS)
+        self._background_done = trio.Event()  # set (and renewed) as each one ends
         self._files: dict[int, Pending] = {}
         self._sync_packs = GroupSync(store.writer.sync)
 
@@ -265,6 +271,49 @@ class WriteBack:
                 return
             staging.add_front(ids, lengths)
         log.debug("inode %d: front stored up to %d", ino, staging.base_len)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Commit closed files in the background while open; at exit, store everything."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                await self.flush_all()
+                self._nursery = None
+
+    async def closed(self, ino: int) -> None:
+        """The last writer closed the file: store it in the background. The close returns at
+        once (an untar does not wait for each file's fsync'd pack bytes); past
+        ``MAX_BACKGROUND_COMMITS`` closes wait, which bounds staging files held open."""
+        if ino not in self._files:
+            return
+        if self._nursery is None:
+            await self.commit(ino)
+            return
+        await self._background.acquire()
+        self._nursery.start_soon(self._commit_in_background, ino)
+
+    async def _commit_in_background(self, ino: int) -> None:
+        try:
+            await self.commit(ino)
+        except HubfsError as exc:  # a full disk: the file stays readable from staging
+            log.error("inode %d is not stored yet (%s); it stays in staging and is stored at "
+                      "its next close or at the next mount", ino, exc.message)
+        except Exception:
+            log.exception("could not store inode %d; it stays in staging and is stored at its "
+                          "next close or at the next mount", ino)
+        finally:
+            self._background.release()
+            self._background_done.set()
+            self._background_done = trio.Event()
+            self._idle(ino)
+
+    async def settle(self) -> None:
+        """Wait until every background commit has finished."""
+        while self._background.value < MAX_BACKGROUND_COMMITS:
+            await self._background_done.wait()
 
     async def commit(self, ino: int, *, force: bool = False) -> None:
         """Store a file's staging and switch the inode to it. Goes round again while writes

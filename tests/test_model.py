@@ -1,0 +1,364 @@
+"""The mounted filesystem's model in-process, no mount: interleavings forced step by step.
+
+A ``Pause`` holds one worker step (a commit's or a front ingest's chunking) until the test lets
+it go, so each test runs other requests exactly while that step is under way, then checks what
+every request saw, and ends with ``verify`` (the ``store`` fixture). Nothing is mocked: the
+store, its packs and index are real; the pause only waits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hubfs.compression import Codec
+from hubfs.index import ROOT_INO
+from hubfs.packs import PackFiles, PackWriter
+from hubfs.staging import INGEST_STEP_BYTES
+from hubfs.store import Store
+from hubfs.vfs import FileSystem
+
+MIB = 1024 * 1024
+STEP = 1 * MIB
+
+
+class Pause:
+    """Holds calls of a worker-thread function until ``go`` (a pause point, not a mock)."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.reached = threading.Event()
+        self.released = threading.Event()
+        original = getattr(obj, name)
+
+        def paused(*args: Any, **kwargs: Any) -> Any:
+            self.reached.set()
+            assert self.released.wait(30), "the test never let the paused step go"
+            return original(*args, **kwargs)
+
+        setattr(obj, name, paused)
+        self._undo = lambda: setattr(obj, name, original)
+
+    async def wait_reached(self) -> None:
+        assert await trio.to_thread.run_sync(self.reached.wait, 30), "step never reached"
+
+    def go(self) -> None:
+        self._undo()
+        self.released.set()
+
+
+def run(store: Store, scenario: Callable[[FileSystem], Awaitable[None]],
+        step: int = INGEST_STEP_BYTES) -> None:
+    async def main() -> None:
+        fs = FileSystem(store, ingest_step_bytes=step)
+        async with fs.running():
+            await scenario(fs)
+            await fs.writeback.settle()
+        assert fs.writeback.counts()["staged_files"] == 0, "something stayed unstored"
+
+    trio.run(main)
+
+
+async def write_file(fs: FileSystem, name: bytes, data: bytes, piece: int = 128 * 1024,
+                     close: bool = True) -> tuple[int, int]:
+    fh, attrs = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+    for offset in range(0, len(data), piece):
+        await fs.write(fh, offset, data[offset : offset + piece])
+    if close:
+        await fs.release(fh)
+    return fh, attrs.ino
+
+
+async def read_all(fs: FileSystem, name: bytes) -> bytes:
+    attrs = await fs.lookup(ROOT_INO, name, 0)
+    fh, _keep = await fs.open(attrs.ino, os.O_RDONLY)
+    try:
+        data = await fs.read(fh, 0, attrs.size + 1)
+        assert len(data) == attrs.size, f"read {len(data)} bytes of {attrs.size}"
+        return data
+    finally:
+        await fs.release(fh)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def test_reader_right_after_close_and_rename_sees_every_byte(store: Store) -> None:
+    """The bug a download hit: close, rename, open, read while the commit switches over."""
+    data = payload(3 * MIB)
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "prepare_stream")
+        await write_file(fs, b"model.incomplete", data)
+        await pause.wait_reached()  # the commit is chunking in its worker
+        await fs.rename(ROOT_INO, b"model.incomplete", ROOT_INO, b"model", 0)
+        assert (await fs.lookup(ROOT_INO, b"model", 0)).size == len(data)
+        assert await read_all(fs, b"model") == data  # served from staging
+        attrs = await fs.lookup(ROOT_INO, b"model", 0)
+        fh, _ = await fs.open(attrs.ino, os.O_RDONLY)  # open before the switch, read after
+        pause.go()
+        await fs.writeback.settle()
+        assert fs.writeback.staged(attrs.ino) is None
+        assert (await fs.attributes(attrs.ino)).size == len(data)
+        assert await fs.read(fh, 0, len(data)) == data  # served from the stored content
+        await fs.release(fh)
+        assert await read_all(fs, b"model") == data
+
+    run(store, scenario)
+
+
+def test_reopen_and_write_during_commit_is_stored_too(store: Store) -> None:
+    first, more = payload(2 * MIB, 1), payload(MIB, 2)
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "prepare_stream")
+        _, ino = await write_file(fs, b"f", first)
+        await pause.wait_reached()
+        fh, _ = await fs.open(ino, os.O_WRONLY)
+        await fs.write(fh, len(first), more)  # lands while the commit prepares
+        pause.go()
+        await fs.writeback.settle()
+        assert fs.writeback.staged(ino) is not None, "a stale commit replaced newer bytes"
+        assert await read_all(fs, b"f") == first + more
+        await fs.release(fh)
+        await fs.writeback.settle()
+        assert fs.writeback.staged(ino) is None
+        assert await read_all(fs, b"f") == first + more
+
+    run(store, scenario)
+
+
+def test_truncate_and_fsync_during_commit(store: Store) -> None:
+    data = payload(2 * MIB, 3)
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "prepare_stream")
+        _, ino = await write_file(fs, b"f", data)
+        await pause.wait_reached()
+        fh, _ = await fs.open(ino, os.O_WRONLY)
+        await fs.fsync(fh)
+        await fs.setattr(ino, size=MIB // 2)
+        await fs.fsync(fh)
+        pause.go()
+        await fs.writeback.settle()
+        await fs.release(fh)
+        await fs.writeback.settle()
+        assert await read_all(fs, b"f") == data[: MIB // 2]
+
+    run(store, scenario)
+
+
+def test_truncate_by_path_during_commit(store: Store) -> None:
+    data = payload(2 * MIB, 4)
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "prepare_stream")
+        _, ino = await write_file(fs, b"f", data)
+        await pause.wait_reached()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: fs.setattr(ino, size=1000))  # waits for the commit
+            await trio.sleep(0.05)
+            assert (await fs.attributes(ino)).size == 1000
+            pause.go()
+        assert await read_all(fs, b"f") == data[:1000]
+
+    run(store, scenario)
+
+
+def test_unlink_during_commit_leaves_no_inode(store: Store) -> None:
+    data = payload(MIB, 5)
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "prepare_stream")
+        _, ino = await write_file(fs, b"f", data)
+        await pause.wait_reached()
+        await fs.unlink(ROOT_INO, b"f")
+        pause.go()
+        await fs.writeback.settle()
+        await fs.forget([(ino, 1)])
+        with store.read() as txn:
+            assert txn.inode(ino) is None
+
+    run(store, scenario)
+
+
+def test_write_truncate_fsync_during_front_ingest(store: Store) -> None:
+    """A download's front is being stored while the writer goes on, rewrites, truncates."""
+    data = payload(6 * STEP, 6)
+
+    async def scenario(fs: FileSystem) -> None:
+        fh, ino = await write_file(fs, b"dl", data[: STEP - 1], close=False)
+        pause = Pause(fs.writeback.ingestor, "prepare_chunks")
+        async with trio.open_nursery() as nursery:
+            # this write makes the front due and waits for its ingest (backpressure)
+            nursery.start_soon(fs.write, fh, STEP - 1, data[STEP - 1 : 3 * STEP])
+            await pause.wait_reached()
+            other, _ = await fs.open(ino, os.O_RDWR)
+            await fs.write(other, 3 * STEP, data[3 * STEP : 5 * STEP])
+            await fs.write(other, 10, b"rewritten")  # inside the front being stored
+            await fs.fsync(other)
+            assert await fs.read(other, 0, 5 * STEP) == (
+                data[:10] + b"rewritten" + data[19 : 5 * STEP])
+            pause.go()
+        await fs.setattr(ino, size=4 * STEP + 5)
+        await fs.release(other)
+        await fs.release(fh)
+        await fs.writeback.settle()
+        expected = data[:10] + b"rewritten" + data[19 : 4 * STEP + 5]
+        assert await read_all(fs, b"dl") == expected
+
+    run(store, scenario, step=STEP)
+
+
+def test_front_ingest_then_commit_equals_one_shot_import(store: Store) -> None:
+    """Chunking that restarts at stored fronts cuts as one pass would: same content id."""
+    data = payload(7 * STEP + 12345, 7)
+
+    async def scenario(fs: FileSystem) -> None:
+        _, ino = await write_file(fs, b"dl", data)
+        await fs.writeback.settle()
+        with store.read() as txn:
+            stored = txn.inode(ino)
+        assert stored is not None
+        assert stored.content_id == store.ingestor.prepare(data).content_id  # type: ignore[union-attr]
+
+    run(store, scenario, step=STEP)
+
+
+def test_small_write_into_big_file_rechunks_only_around_it(store: Store) -> None:
+    data = bytearray(payload(48 * MIB, 8))
+
+    async def scenario(fs: FileSystem) -> None:
+        _, ino = await write_file(fs, b"big", bytes(data), piece=4 * MIB)
+        await fs.writeback.settle()
+        prepared: list[Any] = []
+        original = fs.writeback.ingestor.prepare_stream
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            prepared.append(result := original(*args, **kwargs))
+            return result
+
+        fs.writeback.ingestor.prepare_stream = recording  # type: ignore[method-assign]
+        fh, _ = await fs.open(ino, os.O_WRONLY)
+        await fs.write(fh, 20 * MIB + 7, b"x" * 4096)
+        await fs.release(fh)
+        await fs.writeback.settle()
+        data[20 * MIB + 7 : 20 * MIB + 7 + 4096] = b"x" * 4096
+        assert await read_all(fs, b"big") == bytes(data)
+        assert prepared and prepared[-1].new_stored_bytes < 12 * MIB
+        with store.read() as txn:
+            inode = txn.inode(ino)
+        assert inode is not None
+        # the same bytes imported in one pass cut the same: dedup is not lost
+        assert inode.content_id == store.ingestor.prepare(bytes(data)).content_id  # type: ignore[union-attr]
+
+    run(store, scenario)
+
+
+def test_in_place_updates_at_random_keep_every_byte(store: Store) -> None:
+    rng = random.Random(9)
+    data = bytearray(payload(6 * MIB, 9))
+
+    async def scenario(fs: FileSystem) -> None:
+        _, ino = await write_file(fs, b"f", bytes(data))
+        for _round in range(12):
+            fh, _ = await fs.open(ino, os.O_RDWR)
+            for _ in range(rng.randrange(1, 6)):
+                offset = rng.randrange(0, len(data) + MIB)
+                piece = rng.randbytes(rng.randrange(1, 300_000))
+                await fs.write(fh, offset, piece)
+                if offset > len(data):
+                    data.extend(bytes(offset - len(data)))
+                data[offset : offset + len(piece)] = piece
+            if rng.random() < 0.3:
+                size = rng.randrange(0, len(data) + 1)
+                await fs.setattr(ino, size=size)
+                del data[size:]
+            assert await fs.read(fh, 0, len(data) + 1) == bytes(data)
+            await fs.release(fh)
+            await fs.writeback.settle()
+            assert await read_all(fs, b"f") == bytes(data)
+
+    run(store, scenario)
+
+
+@pytest.mark.allow_warnings  # recovery says what it recovered
+def test_crash_with_staged_overlay_and_front_recovers_every_byte(store_path: Path) -> None:
+    """A daemon that dies (no unmount) leaves stagings and sidecars; the next mount stores
+    them: an in-place overlay over stored content and a download with a stored front."""
+    base, more = payload(4 * STEP, 10), payload(5 * STEP, 11)
+    expected: dict[bytes, bytes] = {}
+
+    def crashed(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated crash: the daemon dies before storing anything more")
+
+    async def before_crash(fs: FileSystem) -> None:
+        _, ino = await write_file(fs, b"over", base)
+        await fs.writeback.settle()
+        fs.writeback.ingestor.prepare_stream = crashed  # type: ignore[method-assign]
+        fh, _ = await fs.open(ino, os.O_RDWR)
+        await fs.write(fh, STEP + 3, b"patched")
+        await fs.write(fh, 6 * STEP, b"tail")
+        await fs.release(fh)  # closed: it must survive the crash
+        expected[b"over"] = (base[: STEP + 3] + b"patched" + base[STEP + 10 :]
+                             + bytes(2 * STEP) + b"tail")
+        await write_file(fs, b"dl", more, close=False)  # a front stored, never closed
+        expected[b"dl"] = more
+
+    async def crash() -> None:
+        fs = FileSystem(store, ingest_step_bytes=STEP)
+        async with fs.running():
+            await before_crash(fs)
+
+    store = Store(store_path, sync_each_commit=False)
+    trio.run(crash)
+    store.writer.sync()  # type: ignore[union-attr]
+    store.index.close()
+    store.packs.close()
+    store._release_lock()
+    assert any(p.name.endswith(".log") for p in (store_path / "staging").iterdir())
+
+    with Store(store_path) as reopened:
+        async def after(fs: FileSystem) -> None:
+            await fs.recover()
+            for name, data in expected.items():
+                assert await read_all(fs, name) == data
+
+        run(reopened, after, step=STEP)
+
+
+def test_concurrent_appends_across_pack_boundaries(tmp_path: Path) -> None:
+    """Every location an append returns holds that record, while other threads start new
+    packs (the location used to be read after the lock was released)."""
+    writer = PackWriter(tmp_path, target_bytes=64 * 1024)
+    packs = PackFiles(tmp_path)
+    results: list[tuple[bytes, bytes, Any]] = []
+    lock = threading.Lock()
+
+    def append(seed: int) -> None:
+        rng = random.Random(seed)
+        for i in range(150):
+            body = rng.randbytes(rng.randrange(100, 20_000))
+            chunk_id = seed.to_bytes(2, "little") + i.to_bytes(30, "little")
+            loc = writer.append(chunk_id, Codec.RAW, len(body), body)
+            with lock:
+                results.append((chunk_id, body, loc))
+
+    threads = [threading.Thread(target=append, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.sync()
+    assert len({loc.pack_id for _, _, loc in results}) > 20
+    for chunk_id, body, loc in results:
+        assert packs.read_stored(chunk_id, loc) == body
+    writer.close()
+    packs.close()
