@@ -47,6 +47,8 @@ T = TypeVar("T")
 # rename or an unlink and a commit can free the staging (ext4 keeps a reserve for root alike).
 DISK_RESERVE_BYTES = 8 * 1024 * 1024
 MAX_BACKGROUND_COMMITS = 256
+# A writer waits for the front ingest under way once this many steps are staged behind it.
+FRONT_BACKLOG_STEPS = 2
 
 
 class NeedsDecoding(Exception):
@@ -154,8 +156,25 @@ class WriteBack:
                                  "space there (or run `hubfs gc`) and write again")
         written = staging.write(offset, data, namespace.now_ns())
         if staging.front_due(self.step_bytes) and not pending.busy.locked():
-            await self._ingest_front(ino, pending)  # the writer waits: staging stays bounded
+            if self._nursery is None:
+                await self._ingest_front(ino, pending)
+            else:  # the writer goes on while the front is stored
+                self._nursery.start_soon(self._ingest_front_in_background, ino, pending)
+        elif (pending.busy.locked()
+              and staging.size - staging.base_len >= FRONT_BACKLOG_STEPS * self.step_bytes):
+            async with pending.busy:  # the writer waits: staging stays bounded
+                pass
         return written
+
+    async def _ingest_front_in_background(self, ino: int, pending: Pending) -> None:
+        try:
+            await self._ingest_front(ino, pending)
+        except HubfsError as exc:
+            log.error("inode %d: could not store the front of the file being written (%s); "
+                      "its bytes stay in staging", ino, exc.message)
+        except Exception:
+            log.exception("inode %d: could not store the front of the file being written; its "
+                          "bytes stay in staging", ino)
 
     def truncate(self, ino: int, inode: Inode, size: int) -> None:
         staging = self.for_write(ino, inode, keep=size > 0)
