@@ -198,6 +198,30 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import control
+    from .mount import find_mount
+
+    info = find_mount(args.mountpoint)
+    if info is None:
+        raise HubfsError(f"{args.mountpoint} is not a hubfs mount (see `mount -t fuse.hubfs`); "
+                         "mount a store there first", 2)
+    report = control.request(Path(info.source), "status", lambda done, total: None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    sizes = ("staged_bytes", "decoded_cache_bytes", "index_bytes", "free_bytes", "disk_bytes")
+    for key, value in report.items():
+        if key == "recent_errors":
+            continue
+        shown = human_bytes(value) if key in sizes else value
+        print(f"{key.replace('_', ' '):22} {shown}")
+    print(f"{'recent errors':22} {len(report['recent_errors']) or 'none'}")
+    for line in report["recent_errors"]:
+        print(f"  {line}")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from . import control, gc
     from .errors import StoreBusyError
@@ -300,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="store everything, unmount, wait for the daemon")
     p.add_argument("mountpoint", type=Path)
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("status", help="how a running mount is doing: open files, pending "
+                       "commits, read mode, errors, free space")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("env", help="print the exports that put the ML caches in a mount")
     p.add_argument("mountpoint", type=Path)

@@ -8,6 +8,7 @@ and answers with ``progress DONE TOTAL`` lines and one ``result {json}`` or ``er
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ def socket_path(store: Path) -> Path:
 
 
 async def serve_control(store: Store, commands: dict[str, Callable[..., Any]]) -> None:
-    """Answer commands until cancelled; each command runs in a worker thread."""
+    """Answer commands until cancelled; each command runs in a worker thread, or on the trio
+    thread if it is a coroutine function (quick reads of the mount's state)."""
     path = socket_path(store.path)
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -76,7 +78,10 @@ async def _handle(stream: trio.abc.Stream, commands: dict[str, Callable[..., Any
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
-                result = await trio.to_thread.run_sync(command, progress)
+                if inspect.iscoroutinefunction(command):  # answers from the trio thread
+                    result = await command(progress)
+                else:
+                    result = await trio.to_thread.run_sync(command, progress)
                 reply = f"result {json.dumps(result)}\n"
             except HubfsError as exc:
                 reply = f"error {exc.message}\n"

@@ -9,6 +9,7 @@ every file still being written, and closes the store, so nothing written is left
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -40,6 +41,7 @@ FS_TYPE = "fuse.hubfs"
 LOG_NAME = "hubfs.log"
 UMOUNT_WAIT_S = 600.0
 GIL_SWITCH_INTERVAL_S = 0.0005
+RECENT_ERRORS = 20
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
     # Worker threads chunk and hash in Python: with the default 5 ms GIL switch interval every
     # request on the trio thread could wait that long behind them.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    recent_errors = RecentErrors()
+    logging.getLogger().addHandler(recent_errors)
     try:
         store = Store(store_path, sync_each_commit=False)
     except HubfsError as exc:
@@ -187,12 +191,52 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
             repair.snapshot_or_warn(store.index, store.path)
             return result
 
-        commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True)}
+        started = time.time()
+
+        async def status(progress: Callable[[int, int], None]) -> dict[str, Any]:
+            return _status_report(fs, started, recent_errors)
+
+        commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True),
+                    "status": status}
         trio.run(_serve_until_stopped, fs, commands)
         repair.snapshot_or_warn(store.index, store.path)
         log.info("unmounted %s", mountpoint)
     finally:
         store.close()
+
+
+class RecentErrors(logging.Handler):
+    """The daemon's last errors, for ``hubfs status``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: collections.deque[str] = collections.deque(maxlen=RECENT_ERRORS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        self.records.append(f"{when} {record.getMessage().splitlines()[0]}")
+
+
+def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict[str, Any]:
+    """What ``hubfs status`` shows: read on the trio thread, so it is one consistent moment."""
+    disk = os.statvfs(fs.store.path)
+    snapshots = sorted((fs.store.path / repair.SNAPSHOT_DIR).glob("*"), key=lambda p: p.stat().st_mtime)
+    return {
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - started, 1),
+        "store": str(fs.store.path),
+        "read_mode": "daemon",
+        "read_mode_why": "every read is served by the daemon (FUSE passthrough is not in use)",
+        **fs.status(),
+        "decoded_cache_bytes": fs.store.reader.cached_bytes(),
+        "index_bytes": fs.store.index.disk_bytes(),
+        "last_snapshot": (time.strftime("%Y-%m-%d %H:%M:%S",
+                                        time.localtime(snapshots[-1].stat().st_mtime))
+                          if snapshots else None),
+        "recent_errors": list(errors.records),
+        "free_bytes": disk.f_bavail * disk.f_frsize,
+        "disk_bytes": disk.f_blocks * disk.f_frsize,
+    }
 
 
 async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]

@@ -105,6 +105,10 @@ class ContentReader:
         self._tables.put(content_id, resolved, 1)
         return resolved
 
+    def cached_bytes(self) -> int:
+        """Bytes of decoded chunks held in memory."""
+        return self._decoded.used
+
     def forget_tables(self) -> None:
         """Drop cached locations (after ``gc`` moved chunks)."""
         self._tables.clear()

@@ -1,0 +1,58 @@
+"""``hubfs status``: a running mount answers within a second, even while it ingests."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hubfs.store import Store
+from tests.conftest import mount_store, run_hubfs, unmount_and_check
+
+STATUS_BUDGET_S = 1.0
+
+
+def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    store = tmp_path / "store"
+    Store.init(store)
+    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", "4")
+    done = threading.Event()
+
+    def write() -> None:
+        block = os.urandom(1 << 20)
+        with open(mounted.path / "big.bin", "wb") as f:
+            for i in range(300):
+                f.write(block[i % 7 :] + block[: i % 7])
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        reports = []
+        while not done.is_set():
+            start = time.monotonic()
+            out = run_hubfs("status", str(mounted.path), "--json").stdout
+            elapsed = time.monotonic() - start
+            report = json.loads(out)
+            assert isinstance(report, dict)
+            assert elapsed < STATUS_BUDGET_S + 0.5, f"status took {elapsed:.2f} s"  # + startup
+            reports.append(report)
+        writer.join()
+        assert any(r["staged_files"] == 1 and r["open_files"] == 1 for r in reports), reports
+        assert all(r["pid"] == reports[0]["pid"] and r["free_bytes"] > 0 for r in reports)
+        assert {"read_mode", "read_mode_why", "recent_errors", "ingests_running",
+                "last_snapshot", "uptime_s"} <= set(reports[0])
+    finally:
+        writer.join()
+        unmount_and_check(mounted, request)
+
+
+def test_status_of_a_plain_directory_says_what_to_do(tmp_path: Path) -> None:
+    result = run_hubfs("status", str(tmp_path), check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("hubfs: error: ") and "not a hubfs mount" in result.stderr
