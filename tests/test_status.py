@@ -26,8 +26,7 @@ def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
     def write() -> None:
         block = os.urandom(1 << 20)
         with open(mounted.path / "big.bin", "wb") as f:
-            for i in range(300):
-                f.write(block[i % 7 :] + block[: i % 7])
+            f.writelines(block[i % 7 :] + block[: i % 7] for i in range(300))
         done.set()
 
     writer = threading.Thread(target=write)
