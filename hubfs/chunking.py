@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pyfastcdc.cy import FastCDC
@@ -45,6 +45,7 @@ class ChunkSpan:
     offset: int
     length: int
     elem_width: int
+    zero: bool = field(default=False, compare=False)  # all zeros (a hole of a sparse file)
 
 
 # Bytes chunked per step when streaming a file: bounds memory whatever the file size.
@@ -63,6 +64,18 @@ class Chunker:
         self._cdc = FastCDC(
             avg_size=params.avg_bytes, min_size=params.min_bytes, max_size=params.max_bytes
         )
+        # CDC restarts at each cut, so zeros are cut into equal pieces: found once, here.
+        self._zero_cut = next(iter(self._cdc.cut_buf(bytes(2 * params.max_bytes)))).length
+        self._zeros = memoryview(bytes(WINDOW_BYTES))
+
+    def _cuts(self, data: memoryview) -> tuple[list[tuple[int, int]], bool]:
+        """(offset, length) of the CDC chunks of ``data``, and whether it is all zeros (a hole
+        in a sparse file: cut without running CDC, and named without hashing)."""
+        if len(data) <= len(self._zeros) and data == self._zeros[: len(data)]:
+            whole, rest = divmod(len(data), self._zero_cut)
+            lengths = [self._zero_cut] * whole + ([rest] if rest else [])
+            return [(i * self._zero_cut, n) for i, n in enumerate(lengths)], True
+        return [(cut.offset, cut.length) for cut in self._cdc.cut_buf(data)], False
 
     def spans(self, buf: memoryview | bytes) -> list[ChunkSpan]:
         """Chunks covering ``buf`` exactly, in order, cut at tensor boundaries where known."""
@@ -101,14 +114,14 @@ class Chunker:
                     end = avail = pos + len(data)
                     if final:
                         seg = TensorSpan(seg.start, end, seg.elem_width)
-                cuts = list(self._cdc.cut_buf(data))
+                cuts, zero = self._cuts(data)
                 growing = end == avail < seg.end
                 if end < seg.end and (len(cuts) > 1 or growing):
                     cuts.pop()  # runs to the edge of what was read, not to a real cut point
-                for cut in cuts:
-                    yield (ChunkSpan(pos + cut.offset, cut.length, seg.elem_width),
-                           data[cut.offset : cut.offset + cut.length])
-                pos += sum(cut.length for cut in cuts)
+                for offset, length in cuts:
+                    yield (ChunkSpan(pos + offset, length, seg.elem_width, zero),
+                           data[offset : offset + length])
+                pos += sum(length for _, length in cuts)
                 if growing:
                     return
 

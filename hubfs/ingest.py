@@ -63,6 +63,14 @@ class Ingestor:
         self._local = threading.local()
         self._pending: dict[bytes, ChunkLocation] = {}
         self._pending_lock = threading.Lock()
+        self._zero_ids: dict[int, bytes] = {}  # ids are pure functions: racing writers agree
+
+    def _zero_id(self, length: int) -> bytes:
+        """The id of a chunk of zeros (sparse files hold many, of few lengths)."""
+        chunk_id = self._zero_ids.get(length)
+        if chunk_id is None:
+            chunk_id = self._zero_ids[length] = blake3.blake3(bytes(length)).digest()
+        return chunk_id
 
     def _chunker(self) -> Chunker:
         chunker = getattr(self._local, "chunker", None)
@@ -115,7 +123,7 @@ class Ingestor:
         tail = reuse if reuse is not None and reuse.tail_ids else None
         window = RESYNC_WINDOW_BYTES if tail else WINDOW_BYTES
         for span, data in self._chunker().stream(read, size, start, final, window):
-            chunk_id = blake3.blake3(data).digest()
+            chunk_id = self._zero_id(span.length) if span.zero else blake3.blake3(data).digest()
             ids.append(chunk_id)
             lengths.append(span.length)
             batch.append((chunk_id, span, data))

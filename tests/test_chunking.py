@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import struct
 from unittest import mock
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pyfastcdc.cy import FastCDC
 
 from hubfs import chunking
 from hubfs.chunking import Chunker, ChunkerParams, ChunkSpan
@@ -399,3 +401,22 @@ def test_real_model_layout_matches_safetensors() -> None:
     starts = {s.offset for s in spans}
     assert all(t.start in starts for t in layout if t.end > t.start)
     assert {s.elem_width for s in spans} == {0, 4, 8}
+
+
+@pytest.mark.parametrize("layout", [[("z", 3_000_000)], [("z", 700_000), ("r", 900_000),
+                                                         ("z", 5_000_000), ("r", 10)]])
+def test_holes_cut_as_cdc_cuts_them(layout: list[tuple[str, int]]) -> None:
+    """Windows of zeros (holes of sparse files) skip CDC and hashing: cut the same all the
+    same, in windows small enough that whole windows are zeros."""
+    rng = random.Random(5)
+    buf = b"".join(bytes(n) if kind == "z" else rng.randbytes(n) for kind, n in layout)
+    chunker = Chunker(SMALL)
+    expected = [(c.offset, c.length) for c in FastCDC(
+        avg_size=SMALL.avg_bytes, min_size=SMALL.min_bytes,
+        max_size=SMALL.max_bytes).cut_buf(buf)]
+    view = memoryview(buf)
+    spans = list(chunker.stream(lambda o, n: view[o : o + n], len(buf),
+                                window_bytes=2 * SMALL.max_bytes))
+    assert [(s.offset, s.length) for s, _ in spans] == expected
+    assert any(s.zero for s, _ in spans)
+    assert all(s.zero == (not any(data)) for s, data in spans if s.zero)
