@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from pyfastcdc.cy import FastCDC
 
 from .tensor_layout import HEADER_PROBE_BYTES, TensorSpan, parse_layout
@@ -66,12 +67,11 @@ class Chunker:
         )
         # CDC restarts at each cut, so zeros are cut into equal pieces: found once, here.
         self._zero_cut = next(iter(self._cdc.cut_buf(bytes(2 * params.max_bytes)))).length
-        self._zeros = memoryview(bytes(WINDOW_BYTES))
 
     def _cuts(self, data: memoryview) -> tuple[list[tuple[int, int]], bool]:
         """(offset, length) of the CDC chunks of ``data``, and whether it is all zeros (a hole
         in a sparse file: cut without running CDC, and named without hashing)."""
-        if len(data) <= len(self._zeros) and data == self._zeros[: len(data)]:
+        if not np.frombuffer(data, np.uint8).any():
             whole, rest = divmod(len(data), self._zero_cut)
             lengths = [self._zero_cut] * whole + ([rest] if rest else [])
             return [(i * self._zero_cut, n) for i, n in enumerate(lengths)], True

@@ -62,6 +62,8 @@ RECORD_FRONT = struct.Struct("<c32sI")
 RECORD_WRITE = struct.Struct("<cQQ")
 RECORD_TRUNCATE = struct.Struct("<cQ")
 RECORDS = {b"B": RECORD_BASE, b"F": RECORD_FRONT, b"W": RECORD_WRITE, b"T": RECORD_TRUNCATE}
+# Holes are read as slices of this (a read or a chunking window is at most this long).
+ZEROS = memoryview(bytes(64 * 1024 * 1024))
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -151,7 +153,7 @@ class Snapshot:
         self.layout = layout
         self.generation = staging.generation
 
-    def read(self, offset: int, size: int, chunk_bytes: ChunkBytes) -> bytes:
+    def read(self, offset: int, size: int, chunk_bytes: ChunkBytes) -> bytes | memoryview:
         return read_layout(self.staging.fd, self.layout, offset, size, chunk_bytes)
 
     def reuse(self) -> Reuse:
@@ -181,10 +183,11 @@ class Snapshot:
                      lay.base_ids[first_tail:], lay.base_lengths[first_tail:], tail_at)
 
 
-def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: ChunkBytes) -> bytes:
+def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: ChunkBytes
+                ) -> bytes | memoryview:
     """Bytes ``[offset, offset+size)`` of a staged file (fewer at its end)."""
     end = min(offset + size, lay.size)
-    pieces: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
     pos = offset
     starts = [s for s, _ in lay.extents]
     while pos < end:
@@ -202,8 +205,8 @@ def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: Chunk
             chunk_start = lay.base_starts[j]
             stop = min(stop, chunk_start + lay.base_lengths[j])
             pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))
-        else:
-            pieces.append(bytes(stop - pos))
+        else:  # a hole: zeros without allocating them
+            pieces.append(ZEROS[: stop - pos] if stop - pos <= len(ZEROS) else bytes(stop - pos))
         pos = stop
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -301,7 +304,7 @@ class Staging:
 
     # -- changes (the owner's thread only)
     def read(self, offset: int, size: int, chunk_bytes: ChunkBytes) -> bytes:
-        return read_layout(self.fd, self.layout(), offset, size, chunk_bytes)
+        return bytes(read_layout(self.fd, self.layout(), offset, size, chunk_bytes))
 
     def write(self, offset: int, data: bytes, now_ns: int) -> int:
         written = os.pwrite(self.fd, data, offset)

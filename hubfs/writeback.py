@@ -211,7 +211,7 @@ class WriteBack:
 
         def read() -> bytes | None:
             with staging.in_use() as alive:
-                return snap.read(offset, size, self._chunk_bytes) if alive else None
+                return bytes(snap.read(offset, size, self._chunk_bytes)) if alive else None
 
         return await self._thread(read)
 
@@ -264,7 +264,7 @@ class WriteBack:
                     if not alive:
                         return None
 
-                    def read(offset: int, length: int) -> bytes:
+                    def read(offset: int, length: int) -> bytes | memoryview:
                         return snap.read(offset, length, self._chunk_bytes)
 
                     if header_incomplete(read(0, HEADER_PROBE_BYTES), size):
