@@ -86,6 +86,11 @@ class Ingestor:
         counts = [0]  # new stored bytes
         batch: list[tuple[bytes, ChunkSpan, memoryview]] = []
         for span, data in self._chunker().stream(read, size, start, final):
+            if batch and data.obj is not batch[-1][2].obj:
+                # A new chunker window: store the last window's chunks now, so the batch's
+                # views keep at most one window alive besides the one being cut.
+                self._store_missing(batch, new, counts, progress)
+                batch = []
             chunk_id = blake3.blake3(data).digest()
             ids.append(chunk_id)
             lengths.append(span.length)
