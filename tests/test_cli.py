@@ -169,6 +169,7 @@ def test_init_into_an_empty_or_new_directory(tmp_path: Path) -> None:
 # -- other bad arguments ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_paths_inside_a_store(store_path: Path, src: Path, tmp_path: Path) -> None:
     run_cli("import", store_path, src, check=True)
     assert_user_error(run_cli("cat", store_path, "/missing"), "not in the store", exitcode=2)

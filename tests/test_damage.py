@@ -254,6 +254,7 @@ def verify_listing(store: Path) -> tuple[subprocess.CompletedProcess[str], set[s
 # -- payload damage under a live mount --------------------------------------------------------
 
 
+@pytest.mark.mount
 @pytest.mark.allow_warnings  # the daemon logs each damaged file as an error
 @pytest.mark.damaged_store
 @pytest.mark.parametrize("seed", [1, 2])
@@ -314,6 +315,7 @@ def flip_header(store: Path, victim: Placed, rng: random.Random) -> None:
          rng)
 
 
+@pytest.mark.mount
 @pytest.mark.allow_warnings
 @pytest.mark.damaged_store
 def test_flipped_record_header_under_mount_serves_only_right_bytes(
@@ -351,6 +353,7 @@ def test_flipped_record_header_verify_lists_exactly_its_files(tmp_path: Path) ->
     assert listed == {p.path for p in placed if p.chunk_id == victim.chunk_id}, result.stdout
 
 
+@pytest.mark.mount
 @pytest.mark.allow_warnings
 @pytest.mark.damaged_store
 @pytest.mark.parametrize("where", [
@@ -508,6 +511,7 @@ def index_sweep(pristine_store: Path, tmp_path_factory: pytest.TempPathFactory
     yield results
 
 
+@pytest.mark.slow
 def test_index_damage_never_hangs_or_crashes_the_cli(index_sweep: list[SeedResult]) -> None:
     bad = [r.row() for r in index_sweep
            for o in (r.verify, r.ls_root, r.ls_dir, r.repair, r.verify_after, r.ls_after)
@@ -515,12 +519,14 @@ def test_index_damage_never_hangs_or_crashes_the_cli(index_sweep: list[SeedResul
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_index_damage_gives_one_line_errors(index_sweep: list[SeedResult]) -> None:
     bad = [r.row() for r in index_sweep for o in (r.verify, r.ls_root, r.ls_dir)
            if o.kind not in ("ok", "problems", "error")]
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_index_damage_repair_restores_a_clean_store(index_sweep: list[SeedResult]) -> None:
     bad = [r.row() for r in index_sweep
            if (r.repair.kind, r.verify_after.kind, r.ls_after.kind) != ("ok", "ok", "ok")]
@@ -612,6 +618,7 @@ def flip_last_bit(value: bytes) -> bytes:
     return value[:-1] + bytes([value[-1] ^ 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_targeted_index_damage_reported_then_repaired(tmp_path: Path, damage: str) -> None:
     store = tmp_path / "store"

@@ -29,6 +29,8 @@ import pytest
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
+pytestmark = pytest.mark.mount
+
 DISK_MIB = 64
 SMALL_FILE_BYTES = 8_000_000
 SMALL_FILES = 3  # 24 MB stored: about 40 MB of the disk stays free

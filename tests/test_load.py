@@ -44,6 +44,8 @@ from hubfs.reader import DECODED_CACHE_BYTES
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, unmount_and_check
 
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
 DURATION_S = 60.0
 WRITERS = 2
 READERS = 2

@@ -122,6 +122,7 @@ def _new_bytes(store: Store, src: Path, dest: str) -> tuple[int, int]:
     return store.stats()["unique_bytes"] - before, report.new_stored_bytes
 
 
+@pytest.mark.slow
 def test_resaved_safetensors_dedupe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     record_property: Callable) -> None:
     """Re-saved variants of the model against the original: tensor cuts vs plain CDC."""
