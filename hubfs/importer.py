@@ -8,6 +8,7 @@ unreadable file, Ctrl-C) leaves the store consistent and a rerun dedupes what al
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from . import contents, namespace
 from .contents import PreparedContent
-from .errors import FsError, HubfsError
+from .errors import FsError, HubfsError, StoreFullError
 from .index import Inode, Txn
 from .progress import Progress
 from .store import Store
@@ -106,20 +107,33 @@ def import_tree(store: Store, src: Path, dest: str = "/", progress: bool | None 
                          "directory path, each part at most 255 bytes", 2) from None
     first_path: dict[tuple[int, int], bytes] = {}
     batch = _Batch()
+    assert store.writer is not None
+    mark = store.writer.mark()  # where this batch's records begin
     with store.ingest_gate.shared(), \
             Progress(f"import {os.fsdecode(src_b)}", total, enabled=progress) as bar:
-        for entry in entries[1:]:
-            op = _prepare_op(store, src_b, entry, first_path, bar, report)
-            if op is None:
-                continue
-            batch.ops.append(op)
-            if op.prepared is not None:
-                batch.prepared.append(op.prepared)
-                batch.bytes += entry.st.st_size
-            if batch.bytes >= BATCH_BYTES or len(batch.ops) >= BATCH_FILES:
-                _commit(store, batch, inos, report)
-                batch = _Batch()
-        _commit(store, batch, inos, report)
+        try:
+            for entry in entries[1:]:
+                op = _prepare_op(store, src_b, entry, first_path, bar, report)
+                if op is None:
+                    continue
+                batch.ops.append(op)
+                if op.prepared is not None:
+                    batch.prepared.append(op.prepared)
+                    batch.bytes += entry.st.st_size
+                if batch.bytes >= BATCH_BYTES or len(batch.ops) >= BATCH_FILES:
+                    _commit(store, batch, inos, report)
+                    batch = _Batch()
+                    mark = store.writer.mark()
+            _commit(store, batch, inos, report)
+        except BaseException as exc:
+            if isinstance(exc, StoreFullError) or (
+                    isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                # Nothing references the uncommitted batch's records: give their space back
+                # (the CLI import is the store's only writer, so nothing else appended).
+                ingestor.forget_pending()
+                store.writer.rollback(mark)
+                raise _full(store) from None
+            raise
     with store.write() as txn:  # children changed their directories' times: set them last
         for entry in reversed(entries[1:]):
             if stat.S_ISDIR(entry.st.st_mode) and entry.rel in inos:
@@ -127,6 +141,12 @@ def import_tree(store: Store, src: Path, dest: str = "/", progress: bool | None 
                 txn.put_inode(inos[entry.rel], inode.with_(atime_ns=entry.st.st_atime_ns,
                                                            mtime_ns=entry.st.st_mtime_ns))
     return report
+
+
+def _full(store: Store) -> StoreFullError:
+    return StoreFullError(f"no space left on the disk holding the store {store.path}: free "
+                          "space there (or run `hubfs gc`) and import again; nothing partial was "
+                          "kept (files of batches committed before are in the store)")
 
 
 def _prepare_op(store: Store, src: bytes, entry: _Entry, first_path: dict[tuple[int, int], bytes],

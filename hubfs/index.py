@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,14 @@ MAP_SIZE_BYTES = 1 << 40
 VALUE_VERSION = 1
 ROOT_INO = 1
 T = TypeVar("T")
+# Errors LMDB raises when the pages it reads are not what they claim to be (or a transaction
+# already hit such a page): damage to report, not a bug to show.
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError,
+                 lmdb.PageFullError, lmdb.CursorFullError, lmdb.BadValsizeError,
+                 lmdb.InvalidError, lmdb.IncompatibleError, lmdb.BadDbiError,
+                 lmdb.ProblemError, lmdb.PanicError, lmdb.InvalidParameterError)
+SETTINGS_TYPES: dict[str, type] = {"format": int, "chunker": dict, "compression": str,
+                                   "pack_target_bytes": int}
 
 U64 = struct.Struct(">Q")
 KEY2 = struct.Struct(">QQ")
@@ -126,6 +135,73 @@ class Inode:
 
     def with_(self, **changes: Any) -> Inode:
         return replace(self, **changes)
+
+
+# LMDB's data.mdb starts with two meta pages; each is a page header and an MDB_meta (lmdb.h,
+# mdb.c). Only the fields the size check needs are read; offsets from the page start:
+#     10  u16  page flags (P_META = 0x08)       16  u32  magic 0xBEEFC0DE
+#     20  u32  format version (1)               40  u32  page size (free DB's md_pad)
+#     80  u64  root page of the free DB         128 u64  root page of the main DB
+#     136 u64  last page in use                 144 u64  transaction id
+LMDB_META_BYTES = 152
+LMDB_MAGIC = 0xBEEFC0DE
+LMDB_P_META = 0x08
+LMDB_P_INVALID = (1 << 64) - 1
+
+
+def check_lmdb_file(path: Path) -> None:
+    """Refuse a data.mdb whose pages lie past its end, before LMDB maps it.
+
+    LMDB trusts its newest meta page: if the file lost its tail (an interrupted copy, a lost
+    block), reading a page past the end of the mapping kills the process with SIGBUS, which no
+    exception handler can catch. Both meta pages are read here with ``pread``; the one LMDB
+    would use (the valid one with the higher transaction id) must point inside the file.
+    """
+    mdb = path / "data.mdb"
+    try:
+        fd = os.open(mdb, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # a new index: LMDB creates the file
+    except OSError:
+        return  # unreadable: LMDB's own open reports it
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return
+        first = os.pread(fd, LMDB_META_BYTES, 0)
+        metas = [first]
+        page_bytes = int.from_bytes(first[40:44], "little") if len(first) >= 44 else 0
+        if page_bytes and page_bytes & (page_bytes - 1) == 0 and 512 <= page_bytes <= 65536:
+            metas.append(os.pread(fd, LMDB_META_BYTES, page_bytes))
+    finally:
+        os.close(fd)
+    best: tuple[int, int, int, int] | None = None  # txnid, last page, free root, main root
+    for raw in metas:
+        if len(raw) < LMDB_META_BYTES:
+            continue
+        flags = int.from_bytes(raw[10:12], "little")
+        magic, version = struct.unpack_from("<II", raw, 16)
+        if not flags & LMDB_P_META or magic != LMDB_MAGIC or version != 1:
+            continue
+        free_root, main_root = (struct.unpack_from("<Q", raw, o)[0] for o in (80, 128))
+        last_page, txnid = struct.unpack_from("<QQ", raw, 136)
+        if best is None or txnid > best[0]:
+            best = (txnid, last_page, free_root, main_root)
+    if best is None:
+        raise _index_damaged(path, "neither meta page of data.mdb is intact")
+    _txnid, last_page, free_root, main_root = best
+    if page_bytes * (last_page + 1) > size:
+        raise _index_damaged(path, f"data.mdb holds {size} bytes, its meta page needs "
+                             f"{page_bytes * (last_page + 1)} (the file was cut short)")
+    for root in (free_root, main_root):
+        if root != LMDB_P_INVALID and root > last_page:
+            raise _index_damaged(path, f"a root page ({root}) lies past the last page "
+                                 f"({last_page})")
+
+
+def _index_damaged(path: Path, why: str) -> StoreFormatError:
+    return StoreFormatError(f"the index at {path} is damaged ({why}): run `hubfs verify "
+                            "--repair STORE` to restore it from a snapshot", 3)
 
 
 def _damaged(kind: str, exc: Exception) -> IntegrityError:
@@ -261,6 +337,19 @@ class Txn:
                 child, seq = decoded("directory entry", DIRENT.unpack, value)
                 yield decoded("directory entry", U64.unpack, key[:8])[0], bytes(key[8:]), child, seq
 
+    def all_dirseq(self) -> Iterator[tuple[int, int, bytes]]:
+        """``(parent, seq, name)`` of every readdir-order record (for verify)."""
+        with self.raw.cursor(db=self.dbs["dirseq"]) as cur:
+            for key, name in cur:
+                parent, seq = decoded("directory order", KEY2.unpack, key)
+                yield parent, seq, bytes(name)
+
+    def all_xattr_inos(self) -> Iterator[int]:
+        """The inode of every extended attribute record (for verify)."""
+        with self.raw.cursor(db=self.dbs["xattrs"]) as cur:
+            for key in cur.iternext(values=False):
+                yield decoded("extended attribute", U64.unpack, key[:8])[0]
+
     # -- extended attributes
     def xattr(self, ino: int, name: bytes) -> bytes | None:
         raw = self.raw.get(U64.pack(ino) + name, db=self.dbs["xattrs"])
@@ -294,10 +383,13 @@ class Index:
         fsync, fsyncdir, unmount and every ``SYNC_INTERVAL_S``."""
         self.path = path
         self.unsynced = False  # commits since the last sync (when commits do not sync)
+        check_lmdb_file(path)
         try:
             self.env = lmdb.open(str(path), map_size=MAP_SIZE_BYTES, max_dbs=len(DB_NAMES) + 2,
                                  readonly=readonly, create=create, subdir=True, max_readers=512,
                                  sync=sync_each_commit)
+        except lmdb.InvalidError as exc:
+            raise _index_damaged(path, f"LMDB: {exc}") from None
         except lmdb.Error as exc:
             raise StoreFormatError(
                 f"cannot open the index at {path}: {exc}; check that this is a hubfs store "
@@ -309,12 +401,19 @@ class Index:
             self.env.close()
             raise StoreFormatError(
                 f"the index at {path} lacks the hubfs databases ({exc}); it is not a hubfs "
-                "store, or a damaged one: `hubfs verify --repair` restores it") from exc
+                "store, or a damaged one: `hubfs verify --repair` restores it", 3) from None
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
-        with self.env.begin(write=False, buffers=False) as txn:
-            yield Txn(txn, self.dbs)
+        try:
+            with self.env.begin(write=False, buffers=False) as txn:
+                yield Txn(txn, self.dbs)
+        except DAMAGE_ERRORS as exc:
+            raise self._lmdb_damage(exc) from None
+
+    def _lmdb_damage(self, exc: lmdb.Error) -> IntegrityError:
+        return IntegrityError(f"the index at {self.path} is damaged (LMDB: {exc}): run "
+                              "`hubfs verify --repair STORE` to restore it from a snapshot", None)
 
     @contextmanager
     def write(self) -> Iterator[Txn]:
@@ -322,6 +421,8 @@ class Index:
             with self.env.begin(write=True) as txn:
                 yield Txn(txn, self.dbs)
             self.unsynced = True
+        except DAMAGE_ERRORS as exc:
+            raise self._lmdb_damage(exc) from None
         except lmdb.MapFullError as exc:
             raise HubfsError(f"the index at {self.path} is full ({exc})") from exc
         except lmdb.DiskError as exc:
@@ -332,12 +433,16 @@ class Index:
                              "free space on its disk and retry") from exc
 
     def settings(self) -> dict[str, Any]:
+        """The store's settings, checked key by key (a flipped byte can leave valid JSON)."""
         with self.read() as txn:
             raw = txn.meta_get("settings")
         try:
             settings = json.loads(raw) if raw else {}
             if not isinstance(settings, dict):
                 raise TypeError("not an object")
+            for key, kind in SETTINGS_TYPES.items():
+                if not isinstance(settings.get(key), kind) or isinstance(settings[key], bool):
+                    raise TypeError(f"{key!r} missing or not a {kind.__name__}")
             return settings
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             raise StoreFormatError(f"the settings in the index at {self.path} are damaged "

@@ -123,6 +123,11 @@ class Ingestor:
         tail = reuse if reuse is not None and reuse.tail_ids else None
         window = RESYNC_WINDOW_BYTES if tail else WINDOW_BYTES
         for span, data in self._chunker().stream(read, size, start, final, window):
+            if batch and data.obj is not batch[-1][2].obj:
+                # A new chunker window: store the last window's chunks now, so the batch's
+                # views keep at most one window alive besides the one being cut.
+                self._store_missing(batch, new, counts, progress)
+                batch = []
             chunk_id = self._zero_id(span.length) if span.zero else blake3.blake3(data).digest()
             ids.append(chunk_id)
             lengths.append(span.length)

@@ -270,6 +270,37 @@ class PackWriter:
             # under the lock: a concurrent append may start a new pack right after it
             return ChunkLocation(self._pack_id, offset, codec, raw_len, len(stored), sums)
 
+    def mark(self) -> tuple[int, int]:
+        """Where the next record goes: ``rollback`` returns here."""
+        with self._lock:
+            return self._pack_id, self._end
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Drop every record appended since ``mark``: packs started since are deleted, the
+        pack of the mark is cut back to it. Only for a caller that is the store's one writer
+        and has committed nothing since ``mark`` (``hubfs import`` on a full disk): nothing
+        may reference these records."""
+        pack_id, end = mark
+        with self._lock:
+            for later in sorted((p for p in pack_ids(self.directory) if p > pack_id),
+                                reverse=True):
+                fd = self._unsynced.pop(later, None)
+                if fd is not None and fd != self._fd:
+                    os.close(fd)
+                if later == self._pack_id:
+                    os.close(self._fd)
+                    self._fd = -1
+                os.unlink(self.directory / pack_name(later))
+                self._dir_unsynced = True
+            if self._fd < 0 or self._pack_id != pack_id:
+                self._fd = self._unsynced.get(pack_id, -1)
+                if self._fd < 0:
+                    self._fd = os.open(self.directory / pack_name(pack_id),
+                                       os.O_RDWR | os.O_CLOEXEC)
+            os.ftruncate(self._fd, end)
+            self._pack_id, self._end = pack_id, end
+            self._unsynced[pack_id] = self._fd
+
     @property
     def current_pack(self) -> int:
         return self._pack_id
@@ -318,7 +349,7 @@ class PackWriter:
 
 def _disk_full(directory: Path) -> StoreFullError:
     return StoreFullError(f"no space left on the disk holding {directory}: free space there "
-                          "(or run `hubfs gc`) and retry; nothing partial was kept")
+                          "(or run `hubfs gc`) and retry")
 
 
 def fsync_directory(path: Path) -> None:

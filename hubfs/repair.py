@@ -5,14 +5,21 @@ transaction while writers go on), kept in ``STORE/snapshots/<time>/`` and pruned
 ``SNAPSHOTS_KEPT``. The daemon takes one every ``SNAPSHOT_INTERVAL_S`` and at unmount; ``import``
 and ``gc`` take one when they finish.
 
-Repair, on an unmounted store:
-1. If the index does not open or read back, move it aside and restore the newest snapshot that
-   does (changes after that snapshot are lost from the index; their bytes stay in the packs
-   until gc).
-2. Scan every pack's self-describing records, checking each one's checksums, and point every
-   chunk entry at an intact record of that chunk id, wherever it is.
-3. Recompute chunk and content reference counts from the chunk tables and the inodes.
-What cannot be repaired (a chunk with no intact record anywhere) is reported as damaged files.
+Repair, on an unmounted store (it holds the writer lock throughout):
+1. Scan every pack's self-describing records once, checking each one's checksums.
+2. The candidates are the live index, then the snapshots, newest first; each is first read
+   through in a child process (a damaged LMDB page can kill its reader with SIGBUS), and one
+   that does not read back is skipped.
+3. On each candidate in turn: point every chunk entry at an intact record of that chunk id,
+   wherever it is, recompute chunk and content reference counts from the chunk tables and the
+   inodes, then verify. The first whose index is consistent is kept (its only problems, if
+   any, are chunks with no intact copy in any pack, which no snapshot can bring back). A
+   snapshot replaces the live index only then; the live index is kept aside, and changes made
+   after the snapshot are lost from the index (their bytes stay in the packs until gc).
+4. If no candidate comes out consistent, the live index (or the first that reads back) is
+   re-derived without lowering any reference count: a count that a damaged table lost would
+   otherwise let gc delete bytes that a file still needs.
+What cannot be repaired is reported as damaged files.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,10 +36,10 @@ from pathlib import Path
 
 import lmdb
 
-from .errors import HubfsError, StoreFormatError
+from .errors import HubfsError
 from .index import ChunkEntry, Index
-from .packs import ChunkLocation
-from .verify import VerifyReport, check_packs
+from .packs import ChunkLocation, PackFiles, ScannedRecord
+from .verify import VerifyReport, check_packs, verify
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +96,19 @@ class RepairReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _index_readable(path: Path) -> bool:
-    """Whether an index opens and every value in it decodes."""
+PROBE_TIMEOUT_S = 600.0
+
+
+def index_readable(path: Path) -> bool:
+    """Whether an index opens and every value in it decodes (run it in a child: see
+    ``probe``)."""
     try:
         index = Index(path, readonly=True)
-    except (StoreFormatError, HubfsError):
+    except HubfsError:
         return False
     try:
         index.settings()  # raises when damaged
         with index.read() as txn:
-            if not txn.meta_get("settings"):
-                return False
             for _ in txn.chunks():
                 pass
             for parent, _name, _child, _seq in list(txn.all_dirents()):
@@ -107,7 +118,9 @@ def _index_readable(path: Path) -> bool:
                 pass
             for _ in txn.inodes():
                 pass
-            for _ in txn.all_dirents():
+            for _ in txn.all_dirseq():
+                pass
+            for _ in txn.all_xattr_inos():
                 pass
             for _ in txn.all_content_refs():
                 pass
@@ -119,47 +132,126 @@ def _index_readable(path: Path) -> bool:
         index.close()
 
 
-def restore_index_if_damaged(store: Path, report: RepairReport) -> None:
-    index_dir = store / "index"
-    if _index_readable(index_dir):
-        return
-    for snap in snapshots(store):
-        if _index_readable(snap):
-            aside = store / f"index.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
-            os.rename(index_dir, aside)
-            index_dir.mkdir(mode=0o700)
-            shutil.copyfile(snap / "data.mdb", index_dir / "data.mdb")
-            report.restored_from = snap.name
-            report.notes.append(f"the index did not read back: restored snapshot {snap.name}; "
-                                f"the damaged index is kept in {aside.name}; changes made after "
-                                "the snapshot are lost (their bytes stay until gc)")
-            return
-    raise HubfsError(f"the index of {store} is damaged and no snapshot reads back: nothing to "
-                     "restore from (the packs still hold every chunk, but not the file names)",
-                     3)
+def probe(path: Path) -> bool:
+    """``index_readable`` in a child process: a damaged index may crash its reader."""
+    if not (path / "data.mdb").is_file():
+        return False
+    code = "import sys; from hubfs.repair import index_readable as r; " \
+        "sys.exit(0 if r(__import__('pathlib').Path(sys.argv[1])) else 1)"
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                              timeout=PROBE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        log.info("index at %s: the read-through did not finish", path)
+        return False
+    if done.returncode != 0:
+        log.info("index at %s does not read back (exit %d)", path, done.returncode)
+    return done.returncode == 0
 
 
 def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
     """Repair an unmounted store in place (see the module docstring)."""
-    from .store import Store
+    from .store import Store, _check_marker, _take_lock
 
-    report = RepairReport()
-    restore_index_if_damaged(store_path, report)
-    with Store(store_path) as store:
-        intact = check_packs(store.packs, VerifyReport(), progress)
-        found: dict[bytes, ChunkLocation] = {}
-        for rec in intact.values():
-            found.setdefault(rec.chunk_id, rec.location)
-        with store.write() as txn:
+    _check_marker(store_path)
+    lock_fd = _take_lock(store_path)
+    try:
+        report = RepairReport()
+        index_dir = store_path / "index"
+        candidates: list[Path] = [p for p in [index_dir, *snapshots(store_path)] if probe(p)]
+        if not candidates:
+            raise HubfsError(f"the index of {store_path} is damaged and no snapshot reads back: "
+                             "nothing to restore from (the packs still hold every chunk, but "
+                             "not the file names)", 3)
+        packs = PackFiles(store_path / "packs")
+        try:
+            intact = check_packs(packs, VerifyReport(), progress)
+        finally:
+            packs.close()
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = store_path / f"index.damaged-{stamp}"
+        original = None
+        if (index_dir / "data.mdb").exists():  # the live index, untouched, until we know
+            aside.mkdir(mode=0o700)
+            shutil.copyfile(index_dir / "data.mdb", aside / "data.mdb")
+            original = aside
+        chosen = None
+        for candidate in candidates:
+            if candidate != index_dir:
+                _install(candidate / "data.mdb", index_dir)
+            trial = RepairReport()
+            _rederive(store_path, intact, trial, lower_refs=True)
+            with Store(store_path, readonly=True) as store:
+                checked = verify(store, progress=False, intact=intact)
+            if not checked.index_problems:
+                chosen, report = candidate, trial
+                break
+            log.info("repair: %s still has %d index problems after re-deriving", candidate,
+                     checked.index_problems)
+            if original is not None:  # back to the live index as it was
+                _install(original / "data.mdb", index_dir)
+        if chosen is None:  # nothing comes out clean: keep every reference count
+            chosen = candidates[0]
+            if chosen != index_dir:
+                _install(chosen / "data.mdb", index_dir)
+            _rederive(store_path, intact, report, lower_refs=False)
+            report.notes.append("the index still has problems that no snapshot repairs; "
+                                "reference counts were only raised, never lowered, so gc "
+                                "keeps every chunk a damaged table may still need")
+        if chosen != index_dir:
+            report.restored_from = chosen.name
+            kept = f"the damaged index is kept in {aside.name}" if original else \
+                "there was no index file"
+            report.notes.append(f"the index was damaged: restored snapshot {chosen.name}; "
+                                f"{kept}; changes made after the snapshot are lost (their "
+                                "bytes stay until gc)")
+        elif original is not None:
+            shutil.rmtree(original)
+        with Store(store_path, readonly=True) as store:
+            clean = verify(store, progress=False, intact=intact).ok
+        if clean:  # never keep a snapshot of an index that still has problems
+            index = Index(index_dir, readonly=True)
+            try:
+                snapshot_or_warn(index, store_path)
+            finally:
+                index.close()
+        return report
+    finally:
+        os.close(lock_fd)
+
+
+def _install(data_mdb: Path, index_dir: Path) -> None:
+    """Make ``data_mdb`` (a copy) the store's index; LMDB makes a new lock file."""
+    if index_dir.exists():
+        shutil.rmtree(index_dir)
+    index_dir.mkdir(mode=0o700)
+    shutil.copyfile(data_mdb, index_dir / "data.mdb")
+
+
+def _rederive(store_path: Path, intact: dict[tuple[int, int], ScannedRecord],
+              report: RepairReport, lower_refs: bool) -> None:
+    """Chunk locations from the packs, reference counts from the tables and inodes. With
+    ``lower_refs`` False no count goes down (the index is known to be damaged)."""
+    found: dict[bytes, ChunkLocation] = {}
+    for rec in intact.values():
+        found.setdefault(rec.chunk_id, rec.location)
+    index = Index(store_path / "index")
+    try:
+        with index.write() as txn:
             tables = dict(txn.contents())
             uses: Counter[bytes] = Counter(c for t in tables.values() for c in t.chunk_ids)
             for chunk_id in set(uses) | {cid for cid, _ in txn.chunks()}:
                 entry = txn.chunk(chunk_id)
-                loc = found.get(chunk_id)
                 refs = uses[chunk_id]
+                if entry is not None and not lower_refs:
+                    refs = max(refs, entry.refcount)
+                loc = found.get(chunk_id)
                 if loc is None:
-                    if refs:
+                    if uses[chunk_id]:
                         report.missing_chunks += 1
+                    if entry is not None and entry.refcount != refs:
+                        report.refcounts_fixed += 1
+                        txn.put_chunk(chunk_id, ChunkEntry(entry.location, refs))
                     continue
                 here = None if entry is None else intact.get(
                     (entry.location.pack_id, entry.location.offset))
@@ -172,14 +264,11 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
             holders: Counter[bytes] = Counter(
                 inode.content_id for _ino, inode in txn.inodes() if inode.content_id)
             for cid in set(tables) | {c for c, _ in txn.all_content_refs()}:
-                if cid in tables and txn.content_refs(cid) != holders[cid]:
+                refs = holders[cid]
+                if not lower_refs:
+                    refs = max(refs, txn.content_refs(cid))
+                if cid in tables and txn.content_refs(cid) != refs:
                     report.refcounts_fixed += 1
-                    txn.put_content_refs(cid, holders[cid])
-    from .verify import verify
-
-    with Store(store_path, readonly=True) as store:
-        clean = verify(store, progress=False).ok
-    if clean:  # never keep a snapshot of an index that still has problems
-        with Store(store_path) as store:
-            snapshot_or_warn(store.index, store.path)
-    return report
+                    txn.put_content_refs(cid, refs)
+    finally:
+        index.close()

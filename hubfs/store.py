@@ -114,7 +114,14 @@ class Store:
                     f"the index of {path} has format {settings.get('format')!r}, this hubfs "
                     f"reads format {FORMAT_VERSION}: use the hubfs version that made it")
             self.settings = settings
-            self.params = ChunkerParams.from_dict(settings["chunker"])
+            try:
+                self.params = ChunkerParams.from_dict(settings["chunker"])
+                if settings["compression"] not in compression.POLICIES:
+                    raise ValueError(f"unknown compression {settings['compression']!r}")
+            except (TypeError, ValueError) as exc:
+                raise StoreFormatError(f"the settings in the index of {path} are damaged "
+                                       f"({exc}): `hubfs verify --repair` restores a snapshot",
+                                       3) from None
             self.packs = PackFiles(path / "packs")
             self.reader = ContentReader(self.index, self.packs)
             self.writer: PackWriter | None = None

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from . import namespace
 from .compression import decode
 from .contents import EMPTY
 from .errors import IntegrityError
@@ -36,13 +35,22 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     records: int = 0
     bytes_checked: int = 0
+    # problems of the index itself (not of pack bytes): a snapshot can repair these
+    index_problems: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems and not self.damaged_files
 
+    def index_problem(self, text: str) -> None:
+        self.problems.append(text)
+        self.index_problems += 1
 
-def verify(store: Store, progress: bool | None = None) -> VerifyReport:
+
+def verify(store: Store, progress: bool | None = None,
+           intact: dict[tuple[int, int], ScannedRecord] | None = None) -> VerifyReport:
+    """Check ``store``; ``intact`` is ``check_packs``'s result when the caller has it already
+    (repair checks several candidate indexes against the same packs)."""
     report = VerifyReport()
     with store.read() as txn:
         chunks = dict(txn.chunks())
@@ -50,17 +58,44 @@ def verify(store: Store, progress: bool | None = None) -> VerifyReport:
         content_refs = dict(txn.all_content_refs())
         inodes = dict(txn.inodes())
         dirents = list(txn.all_dirents())
-        paths = namespace.paths(txn)
-    good = {key: rec.chunk_id for key, rec in check_packs(store.packs, report, progress).items()}
+        dirseq = list(txn.all_dirseq())
+        xattr_inos = set(txn.all_xattr_inos())
+    if intact is None:
+        intact = check_packs(store.packs, report, progress)
+    good = {key: rec.chunk_id for key, rec in intact.items()}
+    paths = _paths(dirents)
+    damaged: set[int] = set()
     bad_chunks = _check_chunks(chunks, good, report)
-    _check_refs(chunks, tables, content_refs, inodes, bad_chunks, report)
-    _check_tree(inodes, dirents, report)
+    damaged |= _check_refs(chunks, tables, content_refs, inodes, bad_chunks, report)
+    damaged |= _check_tree(inodes, dirents, dirseq, xattr_inos, report)
     for ino, inode in sorted(inodes.items()):
         table = tables.get(inode.content_id) if inode.content_id else None
         if table is not None and any(c in bad_chunks for c in table.chunk_ids):
-            names = paths.get(ino) or [f"<unlinked inode {ino}>".encode()]
-            report.damaged_files.extend(os.fsdecode(p) for p in names)
+            damaged.add(ino)
+    for ino in sorted(damaged):
+        names = paths.get(ino) or [f"<unlinked inode {ino}>".encode()]
+        report.damaged_files.extend(os.fsdecode(p) for p in names)
     return report
+
+
+def _paths(dirents: list[tuple[int, bytes, int, int]]) -> dict[int, list[bytes]]:
+    """Every inode's paths from the root, as ``namespace.paths``, but safe on a damaged
+    index: a directory reached twice (a loop) is not walked again."""
+    children: dict[int, list[tuple[bytes, int]]] = {}
+    for parent, name, child, _seq in dirents:
+        children.setdefault(parent, []).append((name, child))
+    out: dict[int, list[bytes]] = {ROOT_INO: [b"/"]}
+    stack = [(ROOT_INO, b"")]
+    walked = {ROOT_INO}
+    while stack:
+        ino, prefix = stack.pop()
+        for name, child in children.get(ino, []):
+            path = prefix + b"/" + name
+            out.setdefault(child, []).append(path)
+            if child in children and child not in walked:
+                walked.add(child)
+                stack.append((child, path))
+    return out
 
 
 def check_packs(packs: PackFiles, report: VerifyReport, progress: bool | None
@@ -110,21 +145,25 @@ def _check_chunks(chunks: dict[bytes, ChunkEntry], good: dict[tuple[int, int], b
 
 
 def _check_refs(chunks: dict[bytes, ChunkEntry], tables: dict, content_refs: dict[bytes, int],
-                inodes: dict, bad: set[bytes], report: VerifyReport) -> None:
+                inodes: dict, bad: set[bytes], report: VerifyReport) -> set[int]:
+    """Reference counts and chunk tables; returns the inodes whose content is wrong."""
+    damaged: set[int] = set()
     expected_chunk_refs: Counter[bytes] = Counter()
+    bad_tables: set[bytes] = set()
     for cid, table in tables.items():
         if len(table.chunk_ids) != len(table.lengths) or sum(table.lengths) != table.size:
-            report.problems.append(f"content {cid.hex()[:16]}: chunk table does not add up")
+            report.index_problem(f"content {cid.hex()[:16]}: chunk table does not add up")
+            bad_tables.add(cid)
         for chunk_id in table.chunk_ids:
             expected_chunk_refs[chunk_id] += 1
             if chunk_id not in chunks:
                 bad.add(chunk_id)
-                report.problems.append(f"content {cid.hex()[:16]} references missing chunk "
-                                       f"{chunk_id.hex()[:16]}")
+                report.index_problem(f"content {cid.hex()[:16]} references missing chunk "
+                                     f"{chunk_id.hex()[:16]}")
     for chunk_id, entry in chunks.items():
         if entry.refcount != expected_chunk_refs[chunk_id]:
-            report.problems.append(f"chunk {chunk_id.hex()[:16]}: refcount {entry.refcount}, "
-                                   f"tables reference it {expected_chunk_refs[chunk_id]} times")
+            report.index_problem(f"chunk {chunk_id.hex()[:16]}: refcount {entry.refcount}, "
+                                 f"tables reference it {expected_chunk_refs[chunk_id]} times")
     expected_content_refs: Counter[bytes] = Counter()
     for ino, inode in inodes.items():
         if not stat.S_ISREG(inode.mode):
@@ -132,36 +171,58 @@ def _check_refs(chunks: dict[bytes, ChunkEntry], tables: dict, content_refs: dic
         expected_content_refs[inode.content_id] += 1
         table = tables.get(inode.content_id)
         if table is None:
-            report.problems.append(f"inode {ino}: its content {inode.content_id.hex()[:16]} "
-                                   "is missing")
+            report.index_problem(f"inode {ino}: its content {inode.content_id.hex()[:16]} "
+                                 "is missing")
+            damaged.add(ino)
         elif table.size != inode.size:
-            report.problems.append(f"inode {ino}: size {inode.size} but content holds "
-                                   f"{table.size} bytes")
+            report.index_problem(f"inode {ino}: size {inode.size} but content holds "
+                                 f"{table.size} bytes")
+            damaged.add(ino)
+        elif inode.content_id in bad_tables:
+            damaged.add(ino)
     for cid in set(tables) | set(content_refs):
         if content_refs.get(cid, 0) != expected_content_refs[cid] and not (
             cid == EMPTY.content_id and not expected_content_refs[cid]
         ):
-            report.problems.append(f"content {cid.hex()[:16]}: refcount {content_refs.get(cid, 0)}"
-                                   f", inodes hold it {expected_content_refs[cid]} times")
+            report.index_problem(f"content {cid.hex()[:16]}: refcount "
+                                 f"{content_refs.get(cid, 0)}, inodes hold it "
+                                 f"{expected_content_refs[cid]} times")
+    return damaged
 
 
 def _check_tree(inodes: dict, dirents: list[tuple[int, bytes, int, int]],
-                report: VerifyReport) -> None:
+                dirseq: list[tuple[int, int, bytes]], xattr_inos: set[int],
+                report: VerifyReport) -> set[int]:
+    """The namespace: entries, their readdir order, link counts, xattr owners. Returns the
+    directories (and files) whose entries are wrong."""
+    damaged: set[int] = set()
     names: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
     for parent, name, child, _seq in dirents:
         if parent not in inodes or not stat.S_ISDIR(inodes[parent].mode):
-            report.problems.append(f"entry {name!r} sits in {parent}, which is not a directory")
+            report.index_problem(f"entry {name!r} sits in {parent}, which is not a directory")
+            damaged.add(parent)
         if child not in inodes:
-            report.problems.append(f"entry {name!r} in directory {parent} points at missing "
-                                   f"inode {child}")
+            report.index_problem(f"entry {name!r} in directory {parent} points at missing "
+                                 f"inode {child}")
+            damaged.add(parent)
             continue
         names[child] += 1
         if stat.S_ISDIR(inodes[child].mode):
             subdirs[parent] += 1
             if inodes[child].parent != parent:
-                report.problems.append(f"directory {name!r} (inode {child}) records parent "
-                                       f"{inodes[child].parent}, but sits in {parent}")
+                report.index_problem(f"directory {name!r} (inode {child}) records parent "
+                                     f"{inodes[child].parent}, but sits in {parent}")
+                damaged.add(child)
+    by_entry = {(parent, seq): name for parent, name, _child, seq in dirents}
+    by_order = {(parent, seq): name for parent, seq, name in dirseq}
+    for key in by_entry.keys() | by_order.keys():
+        if by_entry.get(key) != by_order.get(key):
+            report.index_problem(f"directory {key[0]}: readdir record {key[1]} names "
+                                 f"{by_order.get(key)!r}, the entry {by_entry.get(key)!r}")
+            damaged.add(key[0])
+    for ino in sorted(xattr_inos - inodes.keys()):
+        report.index_problem(f"extended attributes of missing inode {ino}")
     for ino, inode in inodes.items():
         if ino == ROOT_INO:
             continue
@@ -172,8 +233,11 @@ def _check_tree(inodes: dict, dirents: list[tuple[int, bytes, int, int]],
         if stat.S_ISDIR(inode.mode):
             want = 2 + subdirs[ino]
             if names[ino] != 1:
-                report.problems.append(f"directory inode {ino} has {names[ino]} names")
+                report.index_problem(f"directory inode {ino} has {names[ino]} names")
+                damaged.add(ino)
         else:
             want = names[ino]
         if inode.nlink != want:
-            report.problems.append(f"inode {ino}: nlink {inode.nlink}, expected {want}")
+            report.index_problem(f"inode {ino}: nlink {inode.nlink}, expected {want}")
+            damaged.add(ino)
+    return damaged

@@ -24,9 +24,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_warnings: the test expects WARNING log records")
     config.addinivalue_line("markers", "damaged_store: the test leaves the store damaged on "
                             "purpose, so the fixture skips its final verify")
+    # The layers: `pytest -m "not mount and not slow and not clients"` runs the engine alone
+    # (no FUSE, no real clients) in under a minute; scripts/test runs everything.
     config.addinivalue_line("markers", "mount: the test mounts a store through FUSE")
-    config.addinivalue_line("markers", "slow: the test runs for tens of seconds (-m 'not slow' "
-                            "skips it)")
+    config.addinivalue_line("markers", "slow: the test takes more than a few seconds")
+    config.addinivalue_line("markers", "clients: the test runs real huggingface_hub, torch "
+                            "or TensorFlow clients")
+
+
+# Fixtures that mount a store: a test that uses one is a `mount` test wherever it lives.
+MOUNT_FIXTURES = {"mounted", "big_mount", "pristine_store", "index_sweep"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MOUNT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mount)
 
 
 @pytest.fixture(autouse=True)

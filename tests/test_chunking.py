@@ -387,7 +387,6 @@ def test_long_header_read_through_callback(tensors: list[tuple[str, np.ndarray]]
         assert parse_layout(buf[:head_len], len(buf)) is None
 
 
-@pytest.mark.skipif(not MODEL_FILE.exists(), reason="the MiniLM model is not installed")
 def test_real_model_layout_matches_safetensors() -> None:
     from safetensors import safe_open
 

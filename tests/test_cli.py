@@ -28,7 +28,6 @@ from hubfs.verify import verify
 
 from .engine_helpers import (
     MODEL_DIR,
-    MODEL_FILE,
     CliResult,
     assert_user_error,
     index_dump,
@@ -138,7 +137,7 @@ def test_damaged_index(store_path: Path) -> None:
     data = store_path / "index" / "data.mdb"
     data.write_bytes(b"\0" * 8192)
     proc = run_cli("ls", store_path)
-    assert_user_error(proc, "index", exitcode=1)
+    assert_user_error(proc, "index", "damaged", "verify --repair", exitcode=3)
 
 
 # -- init -------------------------------------------------------------------------------------
@@ -170,6 +169,7 @@ def test_init_into_an_empty_or_new_directory(tmp_path: Path) -> None:
 # -- other bad arguments ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_paths_inside_a_store(store_path: Path, src: Path, tmp_path: Path) -> None:
     run_cli("import", store_path, src, check=True)
     assert_user_error(run_cli("cat", store_path, "/missing"), "not in the store", exitcode=2)
@@ -346,7 +346,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-@pytest.mark.skipif(not MODEL_FILE.exists(), reason="MiniLM model not installed")
 def test_full_disk_during_import(small_disk: Path, tmp_path: Path) -> None:
     store_path = small_disk / "store"
     Store.init(store_path)
@@ -374,7 +373,6 @@ def test_full_disk_during_import(small_disk: Path, tmp_path: Path) -> None:
     assert "store is consistent" in run_cli("verify", store_path, check=True).stdout
 
 
-@pytest.mark.skipif(not MODEL_FILE.exists(), reason="MiniLM model not installed")
 def test_full_disk_during_import_in_process(small_disk: Path, tmp_path: Path) -> None:
     """The same through the engine: StoreFullError; the open store stays consistent."""
     store_path = small_disk / "store"

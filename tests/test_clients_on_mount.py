@@ -1,19 +1,39 @@
 """The huggingface_hub, torch.hub and TF Hub scenarios again, with their caches on a real hubfs mount.
 
-The scenarios are imported unchanged from ``test_hf_server`` and ``test_torch_tf_clients``; only ``cache_root``
-differs. The ``mounted`` fixture unmounts afterwards, fails on daemon errors and verifies the
-store, so each scenario also proves the store consistent after the client's write path.
+The scenarios that write a cache (those taking ``cache_root``) are taken unchanged from
+``test_hf_server`` and ``test_torch_tf_clients``, with the fixtures they use; only
+``cache_root`` differs. Tests that never touch a cache are not taken again. The ``mounted``
+fixture unmounts afterwards, fails on daemon errors and verifies the store, so each scenario
+also proves the store consistent after the client's write path.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
+from _pytest.fixtures import getfixturemarker
 
+from tests import test_hf_server, test_torch_tf_clients
 from tests.conftest import Mounted
-from tests.test_hf_server import *
-from tests.test_torch_tf_clients import *
+
+pytestmark = [pytest.mark.mount, pytest.mark.clients]
+
+
+def _take_scenarios(module: object) -> None:
+    """Put ``module``'s fixtures and its cache-writing tests in this module."""
+    for name, obj in vars(module).items():
+        if name == "cache_root" or name.startswith("_"):
+            continue
+        if getfixturemarker(obj) is not None or (
+                name.startswith("test_") and callable(obj)
+                and "cache_root" in inspect.signature(obj).parameters):
+            globals()[name] = obj
+
+
+_take_scenarios(test_hf_server)
+_take_scenarios(test_torch_tf_clients)
 
 
 @pytest.fixture

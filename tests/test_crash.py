@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,9 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from hubfs.staging import SIDECAR_SUFFIX, Staging
 from hubfs.store import Store
 from hubfs.verify import verify
 from tests.conftest import mount_store, run_hubfs
+
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 ROUNDS = 6
 THREADS = 3
@@ -131,7 +135,7 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, step_mi
     journals.mkdir()
     Store.init(store)
     rng = random.Random(7)
-    checked = 0
+    checked = left = 0
     for round_no in range(ROUNDS):
         mount_store(store, mnt, "--ingest-step-mib", str(step_mib))
         try:
@@ -147,14 +151,21 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path, step_mi
         with Store(store, readonly=True) as opened:
             report = verify(opened, progress=False)
         assert report.ok, f"round {round_no}: {report.problems} {report.damaged_files}"
+        # files being written when the daemon died: the next mount must store or drop each
+        left += len({Staging.inode_of(p.name) for p in (store / "staging").iterdir()
+                     if not p.name.endswith(SIDECAR_SUFFIX)})
     mount_store(store, mnt)
     try:
         checked += check_round(mnt, journals)
-        recovered = (store / "hubfs.log").read_text().count("recovered")
+        log = (store / "hubfs.log").read_text()
     finally:
         run_hubfs("umount", str(mnt))
     assert checked > 10, "the writers did too little to test anything"
-    assert recovered >= 0
+    recovered = len(re.findall(r"recovered \d+ bytes written to inode", log))
+    dropped = log.count("dropping staging file")
+    assert left, "no kill caught a file being written: recovery went untested"
+    assert recovered + dropped == left, (recovered, dropped, left)
+    assert recovered, "every staging file a kill left was dropped, none recovered"
     run_hubfs("gc", "--full", str(store))
     with Store(store, readonly=True) as opened:
         stats = opened.stats()

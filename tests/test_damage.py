@@ -254,6 +254,7 @@ def verify_listing(store: Path) -> tuple[subprocess.CompletedProcess[str], set[s
 # -- payload damage under a live mount --------------------------------------------------------
 
 
+@pytest.mark.mount
 @pytest.mark.allow_warnings  # the daemon logs each damaged file as an error
 @pytest.mark.damaged_store
 @pytest.mark.parametrize("seed", [1, 2])
@@ -314,6 +315,7 @@ def flip_header(store: Path, victim: Placed, rng: random.Random) -> None:
          rng)
 
 
+@pytest.mark.mount
 @pytest.mark.allow_warnings
 @pytest.mark.damaged_store
 def test_flipped_record_header_under_mount_serves_only_right_bytes(
@@ -351,6 +353,7 @@ def test_flipped_record_header_verify_lists_exactly_its_files(tmp_path: Path) ->
     assert listed == {p.path for p in placed if p.chunk_id == victim.chunk_id}, result.stdout
 
 
+@pytest.mark.mount
 @pytest.mark.allow_warnings
 @pytest.mark.damaged_store
 @pytest.mark.parametrize("where", [
@@ -508,6 +511,7 @@ def index_sweep(pristine_store: Path, tmp_path_factory: pytest.TempPathFactory
     yield results
 
 
+@pytest.mark.slow
 def test_index_damage_never_hangs_or_crashes_the_cli(index_sweep: list[SeedResult]) -> None:
     bad = [r.row() for r in index_sweep
            for o in (r.verify, r.ls_root, r.ls_dir, r.repair, r.verify_after, r.ls_after)
@@ -515,30 +519,14 @@ def test_index_damage_never_hangs_or_crashes_the_cli(index_sweep: list[SeedResul
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: index damage still escapes as tracebacks (value decoding and JSON settings errors "
-    "are translated since 042dd5b): lmdb.CorruptedError ('Located page was wrong type') and "
-    "lmdb.BadTxnError ('Transaction must abort') from cursors and gets inside Index.read()/"
-    "Txn; FsError('no inode N') from `hubfs ls` when an entry names a missing inode "
-    "(cli.cmd_ls calls namespace.get, and FsError is no HubfsError); KeyError('chunker') "
-    "from Store() when the settings parse but lost a key. Fix: catch lmdb.Error in "
-    "Index.read()/write() and around Txn cursors as an IntegrityError naming "
-    "`hubfs verify --repair`; translate FsError in the CLI; validate the settings"))
+@pytest.mark.slow
 def test_index_damage_gives_one_line_errors(index_sweep: list[SeedResult]) -> None:
     bad = [r.row() for r in index_sweep for o in (r.verify, r.ls_root, r.ls_dir)
            if o.kind not in ("ok", "problems", "error")]
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: verify --repair restores the snapshot only when the live index fails to open or "
-    "decode (repair.restore_index_if_damaged/_index_readable). Values that decode but are "
-    "wrong stay: a flipped chunk id in a content table leaves '/models/b.bin' listed as "
-    "damaged ('1 chunks have no intact copy') although the snapshot holds the right table, "
-    "and the recount even sets the real chunk's refcount to 0, so gc deletes its bytes; "
-    "settings that parse but lost a key crash repair itself (KeyError). Fix: after "
-    "re-deriving, run verify; if problems remain, restore the newest snapshot that verifies "
-    "clean (keeping the damaged index aside), and never zero refcounts on a damaged index"))
+@pytest.mark.slow
 def test_index_damage_repair_restores_a_clean_store(index_sweep: list[SeedResult]) -> None:
     bad = [r.row() for r in index_sweep
            if (r.repair.kind, r.verify_after.kind, r.ls_after.kind) != ("ok", "ok", "ok")]
@@ -630,46 +618,8 @@ def flip_last_bit(value: bytes) -> bytes:
     return value[:-1] + bytes([value[-1] ^ 1])
 
 
-@pytest.mark.parametrize("damage", [
-    "truncated inode",
-    pytest.param("inode content id", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: a value that decodes but is wrong is neither named nor repaired: verify reports "
-        "'inode N: its content ... is missing' without the file's path (damaged_files stays "
-        "empty: verify.verify only lists inodes whose table holds a bad chunk), and verify "
-        "--repair keeps the wrong content id although the newest snapshot holds the right "
-        "one (restore_index_if_damaged restores only an index that does not decode; the "
-        "recount then sets the real content's refcount to 0). Fix: list the paths of inodes "
-        "whose content is missing; in repair, when verify still finds problems after the "
-        "re-derivation, offer the newest snapshot that verifies clean"))),
-    pytest.param("dirseq entry", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: verify never reads the dirseq (readdir order) and xattrs databases, so it calls "
-        "the store consistent while `hubfs ls` (and readdir through a mount) fails on them "
-        "('a directory entry record in the index is damaged'); verify --repair does fix it. "
-        "Fix: check in verify that dirseq and dirents agree one to one and that every "
-        "xattr key names an inode"))),
-    "settings json",
-    pytest.param("settings key", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: settings that parse as JSON but lack a key (here 'chunker') crash every command "
-        "with KeyError: Store.__init__ indexes settings['chunker'] unguarded, and "
-        "repair._index_readable only checks that the settings parse, so verify --repair "
-        "crashes too instead of restoring the snapshot. Fix: validate the settings' keys and "
-        "types in Index.settings() (StoreFormatError naming `verify --repair`)"))),
-    pytest.param("inode size", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: an inode size that disagrees with its content: verify reports 'inode N: size "
-        "... but content holds ...' without the file's path; `hubfs cat` loops "
-        "range(0, inode.size, 4 MiB) (cli.cmd_cat) writing empty reads past the content's "
-        "end, ~2**40 iterations here, so it never finishes; verify --repair keeps the wrong "
-        "value although the snapshot has the right one. Fix: cat to the content table's size "
-        "(or stop at an empty read), name paths in verify, restore the snapshot in repair"))),
-    pytest.param("truncated data.mdb", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG, LMDB crash: with data.mdb cut short, LMDB maps pages past the end of the file "
-        "and every command dies of SIGBUS (exit -7): verify, ls, and verify --repair, whose "
-        "readability probe (repair._index_readable) runs in-process, so the snapshot is never "
-        "restored. Random flips hit the same crash (64 flips: ~3% of seeds; a meta page or "
-        "branch pointing past the end). Fix: in Index.__init__ read both meta pages and "
-        "refuse (StoreFormatError) an index whose last page lies past the end of data.mdb; "
-        "run repair's probe of the live index in a child process"))),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_targeted_index_damage_reported_then_repaired(tmp_path: Path, damage: str) -> None:
     store = tmp_path / "store"
     files = tree_files(6)

@@ -29,6 +29,8 @@ import pytest
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
+pytestmark = pytest.mark.mount
+
 DISK_MIB = 64
 SMALL_FILE_BYTES = 8_000_000
 SMALL_FILES = 3  # 24 MB stored: about 40 MB of the disk stays free
@@ -299,16 +301,6 @@ def test_import_into_a_full_store_fails_in_one_line(small_disk: Path, tmp_path: 
         assert opened.stats()["files"] == len(kept)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an import that hits ENOSPC leaves every record it appended before the failing one "
-    "in the pack (PackWriter.append trims only the record that failed; 'nothing partial was "
-    "kept' is not true): here ~26 MB no index entry references. stats counts them nowhere "
-    "(unreferenced: 0 B), a rerun cannot dedupe against them, and `hubfs gc` cannot give them "
-    "back: it must copy the pack's live records first, which needs the free space there is "
-    "not, and fails with the same 'free space (or run hubfs gc)' advice. Fix: on "
-    "StoreFullError roll the pack back to where the uncommitted batch began (the CLI import "
-    "is the only writer), and let gc truncate unreferenced records at the end of the newest "
-    "pack in place"))
 def test_failed_import_leaves_no_bytes_behind(small_disk: Path, tmp_path: Path) -> None:
     rng = random.Random(6)
     store = small_disk / "store"

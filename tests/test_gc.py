@@ -106,6 +106,7 @@ def test_gc_while_mounted_with_a_reader(mounted: Mounted) -> None:
         assert hashlib.sha256((mounted.path / name).read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.slow
 @pytest.mark.allow_warnings  # the remount after the kill reports what it found
 def test_kill_9_during_gc_then_rerun(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     store = tmp_path / "store"

@@ -23,6 +23,8 @@ import pytest
 from tests.clients import hf_server
 from tests.clients.hf_server import HubServer, Request, files_from_dir, hf_hub_cache, run_hf_client
 
+pytestmark = pytest.mark.clients
+
 log = logging.getLogger(__name__)
 
 MODEL_REPO = "sentence-transformers/all-MiniLM-L6-v2"

@@ -44,6 +44,8 @@ from hubfs.reader import DECODED_CACHE_BYTES
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, unmount_and_check
 
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
 DURATION_S = 60.0
 WRITERS = 2
 READERS = 2
@@ -319,16 +321,6 @@ def test_mixed_load_has_no_errors(load_result: LoadResult,
     assert c.renames and c.unlinks and c.whole_files_checked, c
 
 
-@pytest.mark.xfail(strict=False, reason=(  # memory figures vary run to run
-    "BUG: the daemon's RSS overshoots what its caches and buffers account for: 700-790 MiB "
-    "peak under this load in five runs, against 640 MiB = 256 MiB decoded LRU + 4 commits x "
-    "one 64 MiB ingest window + 128 MiB baseline. The excess is glibc malloc fragmentation "
-    "of the 0.25-4 MiB decoded-chunk and window buffers freed and reallocated across "
-    "per-thread arenas: the same load peaks at ~550 MiB with MALLOC_ARENA_MAX=1, and readers "
-    "alone (a 256 MiB LRU) reach ~550 MiB by default, ~360 MiB with MALLOC_ARENA_MAX=1 and "
-    "~300 MiB with MALLOC_MMAP_THRESHOLD_=131072. Fix: at daemon start, mallopt "
-    "M_MMAP_THRESHOLD (256 KiB: no dynamic threshold, chunk buffers are mmapped and given "
-    "back on eviction) and M_ARENA_MAX, or budget DECODED_CACHE_BYTES for the overhead"))
 def test_mixed_load_rss_stays_within_design_bound(load_result: LoadResult,
                                                   record_property: Callable[[str, object], None]
                                                   ) -> None:
@@ -399,13 +391,6 @@ print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-@pytest.mark.xfail(strict=False, reason=(  # memory figures vary run to run
-    "BUG: `hubfs import` of one big file holds far more than a chunker window: "
-    "Ingestor.prepare_chunks keeps up to LOOKUP_BATCH (256) chunks in its batch as "
-    "memoryviews into the 64 MiB windows Chunker.stream reads, so every window the batch "
-    "spans stays alive: a 600 MB file peaks at ~350 MiB RSS (~5 windows), and the import "
-    "of a multi-GB checkpoint on a small machine may not fit. Fix: flush the batch "
-    "(_store_missing) before the chunker reads its next window, or bound it by bytes"))
 def test_import_of_a_big_file_stays_within_window_bound(tmp_path: Path) -> None:
     store, src = tmp_path / "store", tmp_path / "src"
     Store.init(store)

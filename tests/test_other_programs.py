@@ -14,7 +14,11 @@ import tarfile
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Mounted, run_hubfs
+
+pytestmark = pytest.mark.mount
 
 
 def test_sqlite_database(mounted: Mounted) -> None:

@@ -33,6 +33,8 @@ import pytest
 from hubfs.mount import mounts
 from tests.conftest import Mounted, mount_store, run_hubfs
 
+pytestmark = pytest.mark.mount
+
 MiB = 1024 * 1024
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2

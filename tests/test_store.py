@@ -37,7 +37,6 @@ from .engine_helpers import (
     tree_bytes,
 )
 
-needs_model = pytest.mark.skipif(not MODEL_FILE.exists(), reason="MiniLM model not installed")
 MB = 1e6
 
 
@@ -72,7 +71,6 @@ def model_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"hf": root / "huggingface", "torch": root / "torch", "mine": root / "mine"}
 
 
-@needs_model
 def test_three_caches_of_one_model_store_one_copy(store: Store, store_path: Path,
                                                   model_caches: dict[str, Path],
                                                   record_property: Callable) -> None:
@@ -124,7 +122,7 @@ def _new_bytes(store: Store, src: Path, dest: str) -> tuple[int, int]:
     return store.stats()["unique_bytes"] - before, report.new_stored_bytes
 
 
-@needs_model
+@pytest.mark.slow
 def test_resaved_safetensors_dedupe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     record_property: Callable) -> None:
     """Re-saved variants of the model against the original: tensor cuts vs plain CDC."""

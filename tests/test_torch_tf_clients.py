@@ -22,6 +22,8 @@ from tests.clients import tf_hub, torch_hub
 from tests.clients.file_server import FileServer
 from tests.clients.run import ClientError, client_env, client_result, run_client
 
+pytestmark = pytest.mark.clients
+
 log = logging.getLogger(__name__)
 
 CLIENT_TIMEOUT_S = 180.0

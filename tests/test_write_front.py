@@ -22,6 +22,8 @@ from safetensors.numpy import save
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
+pytestmark = pytest.mark.mount
+
 STEP_MIB = 1
 
 
@@ -87,6 +89,11 @@ def test_writes_into_the_stored_front(stepped: Mounted) -> None:
     assert path.stat().st_size == 1000
 
 
+def front_sidecars(store: Path) -> list[Path]:
+    """Sidecars that name at least one stored chunk of a file's front."""
+    return [p for p in (store / "staging").glob("*.prefix") if p.stat().st_size]
+
+
 @pytest.mark.allow_warnings  # recovery logs what it recovered
 def test_crash_while_writing_recovers_front_and_tail(tmp_path: Path,
                                                     request: pytest.FixtureRequest) -> None:
@@ -100,7 +107,10 @@ def test_crash_while_writing_recovers_front_and_tail(tmp_path: Path,
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-        assert (store / "staging").glob("*.prefix"), "nothing of the front was stored"
+        deadline = time.monotonic() + 10  # the front is stored by a worker, after the write
+        while not front_sidecars(store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert front_sidecars(store), "nothing of the front was stored"
         os.kill(int((store / "lock").read_text()), signal.SIGKILL)
         time.sleep(0.3)
     finally:
