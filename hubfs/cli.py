@@ -226,58 +226,128 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hubfs", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark
 
-    p = sub.add_parser("init", help="create an empty store")
+    if args.plot is not None:
+        benchmark.check_plot_available()  # before minutes of measuring, not after
+    if args.repeats < 1 or args.random_reads < 0:
+        raise HubfsError("--repeats must be at least 1 and --random-reads at least 0", 2)
+    result = benchmark.run_bench(args.paths or [Path.cwd()], repeats=args.repeats,
+                                 random_reads=args.random_reads, workdir=args.workdir,
+                                 whole_cache=not args.evict_only)
+    print(benchmark.format_table(result))
+    if args.json is not None:
+        benchmark.write_json(result, args.json)
+        print(f"results: {args.json}")
+    if args.plot is not None:
+        benchmark.write_plot(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+DESCRIPTION = """\
+hubfs keeps the model caches of every user on a machine (Hugging Face, torch.hub, TF Hub,
+anything in ~/.cache) in one deduplicated store, mounted with FUSE: identical files are stored
+once, whoever downloaded them, and the libraries use the mount unmodified.
+"""
+
+EPILOG = """\
+start here:
+  hubfs init ~/hubfs-store              # once: an empty store (outside the mount)
+  hubfs mount ~/hubfs-store ~/.cache    # returns once mounted
+  eval "$(hubfs env ~/.cache)"          # point HF, torch.hub and TF Hub at it
+
+`hubfs COMMAND --help` tells what each command is for, with an example.
+"""
+
+
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str,
+             purpose: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it is for and shows one example."""
+    return sub.add_parser(name, help=summary, description=purpose,
+                          epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubfs", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "init", "create an empty store",
+                 "Create an empty store in a new directory. Keep it outside the directory you "
+                 "will mount it on;\nhow chunks are compressed is chosen here, once.",
+                 "hubfs init /var/lib/hubfs/store")
     p.add_argument("store", type=Path)
     p.add_argument("--compression", default="auto", choices=["auto", "raw", "max"],
                    help="auto: compress chunks only where it saves >=20%% (default)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("import", help="copy a directory tree into the store")
+    p = _command(sub, "import", "copy a directory tree into the store",
+                 "Copy an existing directory (a ~/.cache, a Hugging Face hub cache, a torch hub "
+                 "directory) into the store,\nkeeping symlinks, hard links, modes, owners and "
+                 "times; bytes already stored are not stored again.",
+                 "hubfs import ~/hubfs-store ~/.cache/huggingface --dest /huggingface")
     p.add_argument("store", type=Path)
     p.add_argument("src", type=Path)
     p.add_argument("--dest", default="/", help="path inside the store (default /)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="write a tree of the store back out")
+    p = _command(sub, "export", "write a tree of the store back out",
+                 "Write a stored directory (or the whole store) back to an ordinary directory, "
+                 "byte for byte.", "hubfs export ~/hubfs-store /huggingface ~/hf-copy")
     p.add_argument("store", type=Path)
     p.add_argument("path")
     p.add_argument("dest", type=Path)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("ls", help="list a directory of the store")
+    p = _command(sub, "ls", "list a directory of the store",
+                 "List a directory of the store without mounting it (works while mounted too).",
+                 "hubfs ls ~/hubfs-store /huggingface/hub")
     p.add_argument("store", type=Path)
     p.add_argument("path", nargs="?", default="/")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("cat", help="write a stored file to stdout")
+    p = _command(sub, "cat", "write a stored file to stdout",
+                 "Write one stored file to stdout without mounting (works while mounted too).",
+                 "hubfs cat ~/hubfs-store /huggingface/token > token")
     p.add_argument("store", type=Path)
     p.add_argument("path")
     p.set_defaults(func=cmd_cat)
 
-    p = sub.add_parser("stats", help="sizes, dedup and compression figures")
+    p = _command(sub, "stats", "sizes, dedup and compression figures",
+                 "How much the store holds, how much is on disk, and what dedup and compression "
+                 "saved, per tree.", "hubfs stats ~/hubfs-store")
     p.add_argument("store", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("verify", help="check every byte and the whole index")
+    p = _command(sub, "verify", "check every byte and the whole index",
+                 "Re-read every stored byte and check the index; names damaged files and exits "
+                 "3 if anything is wrong.", "hubfs verify ~/hubfs-store")
     p.add_argument("store", type=Path)
     p.add_argument("--repair", action="store_true",
                    help="first restore a damaged index from its newest good snapshot and "
                    "re-derive chunk locations and reference counts from the packs (unmounted)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("gc", help="give back the space of data no file uses (works mounted)")
+    p = _command(sub, "gc", "give back the space of data no file uses (works mounted)",
+                 "Give back the disk space of data that no file uses any more (after deleting "
+                 "models).\nSafe to interrupt; while mounted it runs inside the mount, readers "
+                 "keep working.", "hubfs gc ~/hubfs-store")
     p.add_argument("store", type=Path)
     p.add_argument("--full", action="store_true",
                    help="rewrite every pack with any dead byte (default: packs < 80%% live)")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("mount", help="mount the store (returns once mounted)")
+    p = _command(sub, "mount", "mount the store (returns once mounted)",
+                 "Mount the store on a directory, usually your cache directory; returns once "
+                 "mounted and logs to STORE/hubfs.log.\nFor one store shared by a machine's "
+                 "users, run it as root with --allow-other --multi-user.",
+                 "hubfs mount ~/hubfs-store ~/.cache")
     p.add_argument("store", type=Path)
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--foreground", "-f", action="store_true",
@@ -297,13 +367,44 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs two full copies on disk (default 64)")
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("umount", help="store everything, unmount, wait for the daemon")
+    p = _command(sub, "umount", "store everything, unmount, wait for the daemon",
+                 "Unmount: everything written is stored first; says so if files are still "
+                 "open.", "hubfs umount ~/.cache")
     p.add_argument("mountpoint", type=Path)
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("env", help="print the exports that put the ML caches in a mount")
+    p = _command(sub, "env", "print the exports that put the ML caches in a mount",
+                 "Print the shell exports (XDG_CACHE_HOME, HF_HOME, TORCH_HOME, "
+                 "TFHUB_CACHE_DIR) that put the ML\nlibraries' caches in the mount; in a "
+                 "multi-user mount, in your own tree.", 'eval "$(hubfs env ~/.cache)"')
     p.add_argument("mountpoint", type=Path)
     p.set_defaults(func=cmd_env)
+
+    p = _command(sub, "bench", "read speed through the mount against the same files on disk",
+                 "Measure how fast files read through a hubfs mount, against a native copy of "
+                 "the same files on the\nstore's disk (made first, after a free-space check, "
+                 "and removed afterwards): sequential reads\ncold and hot, random 4 KiB reads, "
+                 "and model load times (safetensors, torch.load with mmap).\nCold runs drop "
+                 "the page cache (as root) or evict the measured files (otherwise, and said "
+                 "so).\nPrints a table of ratios: hubfs speed / native speed, 1.00 = as fast.",
+                 "hubfs bench ~/.cache/huggingface/hub/models--org--model --json b.json "
+                 "--plot b.png")
+    p.add_argument("paths", type=Path, nargs="*", metavar="PATH",
+                   help="files or directories inside a hubfs mount (default: the current "
+                   "directory); symlinks are followed")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each measurement, native and hubfs alternating (default 3)")
+    p.add_argument("--random-reads", type=int, default=2000,
+                   help="4 KiB reads in the random-read measurement (default 2000)")
+    p.add_argument("--workdir", type=Path,
+                   help="where the native copy goes (default: the store's parent directory)")
+    p.add_argument("--evict-only", action="store_true",
+                   help="even as root, evict only the measured files (posix_fadvise) instead "
+                   "of dropping the whole page cache")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="draw the figures (needs matplotlib: pip install 'hubfs[bench]')")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -24,6 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_warnings: the test expects WARNING log records")
     config.addinivalue_line("markers", "damaged_store: the test leaves the store damaged on "
                             "purpose, so the fixture skips its final verify")
+    config.addinivalue_line("markers", "mount: the test mounts a store for real (FUSE)")
 
 
 @pytest.fixture(autouse=True)
