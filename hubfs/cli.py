@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 import sys
 import time
@@ -246,6 +247,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from . import prune
+    from .progress import Progress
+
+    top: Path = args.mountpoint
+    if not top.is_dir():
+        raise HubfsError(f"{top} is not a directory: name a hubfs mount (or a cache directory "
+                         "inside one)", 2)
+    unused_for_s = prune.parse_duration_s(args.unused_for) if args.unused_for else None
+    keep_bytes = prune.parse_size_bytes(args.keep_size) if args.keep_size else None
+    now = prune.now_s()
+    entries = prune.scan(top)
+    chosen = prune.select(entries, now_s=now, unused_for_s=unused_for_s, keep_bytes=keep_bytes)
+    plan = prune.plan_removals(entries, chosen)
+    verb = "would remove" if args.dry_run else "removing"
+    for entry in sorted(plan.entries, key=lambda e: e.last_used_s):
+        print(f"{verb} {entry.library} {entry.kind} {entry.name} "
+              f"({human_bytes(entry.size)}, {prune.user_name(entry.uid)}, last used "
+              f"{prune.age(now - entry.last_used_s)} ago)")
+    rows = prune.summary(plan, entries, top)
+    if not rows:
+        print(f"no Hugging Face, torch.hub, TF Hub or datasets cache under {top}")
+        return 0
+    width = max(len("cache"), *(len(r.cache) for r in rows))
+    print(f"\n{'cache':{width}s} {'library':12s} {'user':10s} {'remove':>6s} {'keep':>6s} "
+          f"{'frees':>10s}")
+    for r in rows:
+        print(f"{r.cache:{width}s} {r.library:12s} {r.user:10s} {r.removed:6d} {r.kept:6d} "
+              f"{human_bytes(r.frees_bytes):>10s}")
+    total = f"{len(plan.entries)} of {len(entries)} entries, {human_bytes(plan.frees_bytes)}"
+    if args.dry_run:
+        print(f"dry run: would remove {total}; nothing was changed")
+        return 0
+    for trash in prune.stale_trash(top):  # left by an interrupted prune
+        shutil.rmtree(trash, ignore_errors=True)
+    with Progress("pruning", plan.frees_bytes) as bar:
+        prune.execute(plan, bar.advance)
+    from .mount import mounts
+
+    store = next((m.source for m in mounts() if m.mountpoint == Path(os.path.abspath(top))
+                  or m.mountpoint in Path(os.path.abspath(top)).parents), None)
+    after = f"`hubfs gc {store}`" if store else "`hubfs gc STORE`"
+    print(f"removed {total}; {after} gives the space back to the disk")
+    return 0
+
+
 DESCRIPTION = """\
 hubfs keeps the model caches of every user on a machine (Hugging Face, torch.hub, TF Hub,
 anything in ~/.cache) in one deduplicated store, mounted with FUSE: identical files are stored
@@ -405,6 +452,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="FILE.png",
                    help="draw the figures (needs matplotlib: pip install 'hubfs[bench]')")
     p.set_defaults(func=cmd_bench)
+
+    p = _command(sub, "prune", "remove cache entries not used for a while",
+                 "Remove whole cache entries the libraries can lose without harm (they download "
+                 "them again when asked):\na Hugging Face revision (snapshot, refs, blobs no "
+                 "other revision uses), a torch.hub checkpoint or repo,\na TF Hub module, a "
+                 "datasets download or prepared dataset. Chosen by last use (file access "
+                 "times);\nshows what it frees per cache and user. Run `hubfs gc` afterwards "
+                 "to give the space back to the disk.",
+                 "hubfs prune ~/.cache --unused-for 30d --dry-run")
+    p.add_argument("mountpoint", type=Path, metavar="MNT",
+                   help="a hubfs mount, or a directory inside one (any directory works)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--unused-for", metavar="AGE",
+                       help="remove entries not used for AGE: 30d, 12h, 2w")
+    which.add_argument("--keep-size", metavar="SIZE",
+                       help="keep the most recently used entries up to SIZE (500G, 200GiB), "
+                       "remove the rest")
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="show what would be removed, change nothing")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
