@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "3 if anything is wrong.", "hubfs verify ~/hubfs-store")
     p.add_argument("store", type=Path)
     p.add_argument("--repair", action="store_true",
-                   help="first restore a damaged index from its newest good snapshot and "
-                   "re-derive chunk locations and reference counts from the packs (unmounted)")
+                   help="first rebuild a damaged index from its newest good snapshot and the "
+                   "stored data itself (the store must be unmounted)")
     p.set_defaults(func=cmd_verify)
 
     p = _command(sub, "gc", "give back the space of data no file uses (works mounted)",
@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "keep working.", "hubfs gc ~/hubfs-store")
     p.add_argument("store", type=Path)
     p.add_argument("--full", action="store_true",
-                   help="rewrite every pack with any dead byte (default: packs < 80%% live)")
+                   help="give back every unused byte, rewriting more data (slower); by default "
+                   "only pack files at least 20%% unused are rewritten")
     p.set_defaults(func=cmd_gc)
 
     p = _command(sub, "mount", "mount the store (returns once mounted)",
