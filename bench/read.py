@@ -21,7 +21,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from hubfs.benchmark import (
     RANDOM_READ_BYTES,
     drop_caches,
     load_safetensors,
+    measure_pair,
     read_random,
     read_sequential,
     touch_pages,
@@ -54,19 +54,15 @@ TARGETS = {
 
 def measure(name: str, nbytes: int, fn: Callable[[Path], object], native: Path, mounted: Path,
             repeats: int, cold: bool, store: Path) -> tuple[Measurement, Measurement]:
-    """Alternate native and hubfs runs so drift on a noisy machine hits both alike."""
-    results: dict[str, list[float]] = {"native": [], "hubfs": []}
-    for _ in range(repeats):
-        for label, path in (("native", native), ("hubfs", mounted)):
-            if cold:
-                drop_caches((native, store))
-            else:
-                warm(path)
-            start = time.perf_counter()
-            fn(path)
-            results[label].append(time.perf_counter() - start)
-    return (Measurement(f"{name}/native", nbytes, results["native"]),
-            Measurement(f"{name}/hubfs", nbytes, results["hubfs"]))
+    """Native and hubfs runs alternate (``hubfs.benchmark.measure_pair``), each after a dropped
+    or warmed page cache."""
+    def prepare(label: str) -> None:
+        if cold:
+            drop_caches((native, store))
+        else:
+            warm(native if label == "native" else mounted)
+
+    return measure_pair(name, nbytes, fn, [(native, mounted)], repeats, prepare)
 
 
 def hubfs_cli(*args: str) -> None:
