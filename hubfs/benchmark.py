@@ -355,20 +355,12 @@ def touch_pages(path: Path) -> int:
         return len(mapped)
 
 
-def load_safetensors(path: Path) -> int:
-    """``safetensors.torch.load_file``: reads every tensor into memory."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def load_torch_mmap(path: Path) -> int:
-    """``torch.load(mmap=True)``, then one byte of every page of every tensor's storage: an
-    mmap load itself reads almost nothing, a forward pass reads it all."""
+def touch_tensors(loaded: Any) -> int:
+    """One byte of every page of every tensor storage in ``loaded`` (dicts and lists walked);
+    returns their bytes. A load that maps the file reads almost nothing by itself, a forward
+    pass reads it all: touching makes mapped and copying loads comparable."""
     import torch
 
-    loaded = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
     seen: set[int] = set()
     total = 0
     stack: list[Any] = [loaded]
@@ -387,6 +379,22 @@ def load_torch_mmap(path: Path) -> int:
             int(as_bytes[::PAGE_BYTES].sum())
             total += storage.nbytes()
     return total
+
+
+def load_safetensors(path: Path) -> int:
+    """``safetensors.torch.load_file``, then every page touched (recent versions map the file
+    instead of reading it)."""
+    from safetensors.torch import load_file
+
+    return touch_tensors(load_file(str(path)))
+
+
+def load_torch_mmap(path: Path) -> int:
+    """``torch.load(mmap=True)``, then every page touched."""
+    import torch
+
+    return touch_tensors(torch.load(str(path), mmap=True, weights_only=True,
+                                    map_location="cpu"))
 
 
 def measure_pair(name: str, nbytes: int, fn: Callable[[Path], object],
@@ -629,7 +637,8 @@ def run_bench(paths: list[Path], *, repeats: int = 3, random_reads: int = 2000,
                 "random_4k_cold", f"{random_reads} random 4 KiB reads, page cache dropped",
                 random_reads * RANDOM_READ_BYTES,
                 lambda p: read_random(p, offsets.get(by_path[p], [])), pairs, cold))
-        loaders = [("safetensors", "safetensors_load", "safetensors.torch.load_file",
+        loaders = [("safetensors", "safetensors_load",
+                    "safetensors.torch.load_file, every page touched",
                     ("safetensors.torch",), load_safetensors),
                    ("torch", "torch_load_mmap", "torch.load(mmap=True), every page touched",
                     ("torch",), load_torch_mmap)]
