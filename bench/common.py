@@ -1,9 +1,11 @@
-"""Shared parts of the benchmarks: timing with repeats, cache control, test data, result files.
+"""Shared parts of the developer benchmarks: test data, a page-cache probe, result files.
 
-Every result file carries the machine facts next to the raw numbers of each measurement
-(every repeat, not only the median), so a figure can be checked and re-derived later. Sizes are
-decimal in rates (MB/s = 10**6 bytes a second, as ``hubfs.progress`` prints them) and binary in
-data sizes (``--size-mib``).
+The measuring pieces (timing with repeats, CPU meters, cache control, machine facts) live in
+``hubfs.benchmark``, which ``hubfs bench`` uses too; they are re-exported here. Every result file
+carries the machine facts next to the raw numbers of each measurement (every repeat, not only
+the median), so a figure can be checked and re-derived later. Sizes are decimal in rates
+(MB/s = 10**6 bytes a second, as ``hubfs.progress`` prints them) and binary in data sizes
+(``--size-mib``).
 """
 
 from __future__ import annotations
@@ -11,195 +13,58 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hubfs.benchmark import (
+    MB,
+    MIB,
+    CacheDrop,
+    CpuMeter,
+    Measurement,
+    drop_caches,
+    machine_facts,
+    settle,
+    time_repeats,
+    timed,
+    tree_bytes,
+    wait_quiet,
+    warm,
+)
+
+__all__ = [
+    "MB",
+    "MIB",
+    "CacheDrop",
+    "CpuMeter",
+    "Measurement",
+    "drop_caches",
+    "machine_facts",
+    "make_weights",
+    "page_cache_probe",
+    "settle",
+    "time_repeats",
+    "timed",
+    "tree_bytes",
+    "wait_quiet",
+    "warm",
+    "write_result",
+]
 
 log = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-MIB = 1024 * 1024
-MB = 1_000_000
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-LIBRARIES = ("blake3", "pyfastcdc", "zstandard", "lmdb", "xxhash", "numpy", "safetensors")
-
-
-# -- measurements
-@dataclass
-class Measurement:
-    """One thing timed ``len(seconds)`` times over ``nbytes`` bytes; ``info`` is free-form."""
-
-    name: str
-    nbytes: int
-    seconds: list[float]
-    info: dict[str, Any] = field(default_factory=dict)
-    meters: list[CpuMeter] = field(default_factory=list)
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def min_s(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def mbps(self) -> float:
-        """Throughput at the median time: the figure targets are judged on."""
-        return self.nbytes / self.median_s / MB if self.median_s > 0 else float("inf")
-
-    @property
-    def best_mbps(self) -> float:
-        return self.nbytes / self.min_s / MB if self.min_s > 0 else float("inf")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "bytes": self.nbytes,
-            "seconds": [round(s, 6) for s in self.seconds],
-            "median_s": round(self.median_s, 6),
-            "min_s": round(self.min_s, 6),
-            "mbps_median": round(self.mbps, 1),
-            "mbps_best": round(self.best_mbps, 1),
-            **({"own_cpu_s": [round(m.own_s, 3) for m in self.meters],
-                "others_cpu_s": [round(m.others_s, 3) for m in self.meters]}
-               if self.meters else {}),
-            **({"info": self.info} if self.info else {}),
-        }
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds all CPUs spent busy since boot (``/proc/stat``: all but idle and iowait)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    ticks = [int(f) for f in fields]
-    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """Wall time, this process's CPU time, and the CPU time every other process took meanwhile.
-
-    ``others_s`` is the busy time of the whole machine less our own: on a shared 2-core box, a
-    run where others took a core is not comparable with one where they did not.
-    """
-
-    def __init__(self) -> None:
-        self.wall_s = self.own_s = self.others_s = 0.0
-
-    def __enter__(self) -> Self:
-        self._t = os.times()
-        self._busy = _machine_busy_s()
-        self._wall = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall_s = time.perf_counter() - self._wall
-        t = os.times()
-        self.own_s = (t.user + t.system + t.children_user + t.children_system) - (
-            self._t.user + self._t.system + self._t.children_user + self._t.children_system)
-        self.others_s = max(_machine_busy_s() - self._busy - self.own_s, 0.0)
-
-
-def wait_quiet(max_wait_s: float, busy_cpus: float = 0.15, sample_s: float = 0.5) -> float:
-    """Wait until the rest of the machine is idle (under ``busy_cpus`` CPUs busy over a
-    ``sample_s`` sample), at most ``max_wait_s``; returns the busy CPUs of the last sample.
-
-    On a shared machine other jobs come and go; a run that starts while they hold a core
-    measures them, not us. The ``others_cpu_s`` of each run still tell whether they came back.
-    """
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        before = _machine_busy_s()
-        time.sleep(sample_s)
-        busy = (_machine_busy_s() - before) / sample_s
-        if busy < busy_cpus or time.monotonic() >= deadline:
-            return busy
-
-
-def timed(fn: Callable[[], object], meters: list[CpuMeter] | None = None) -> float:
-    """Wall-clock seconds of one call; its ``CpuMeter`` is appended to ``meters`` if given."""
-    with CpuMeter() as meter:
-        fn()
-    if meters is not None:
-        meters.append(meter)
-    return meter.wall_s
-
-
-def time_repeats(fn: Callable[[], object], repeats: int,
-                 setup: Callable[[], object] | None = None) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn``, each after an untimed ``setup()``."""
-    return [_setup_then_time(fn, setup) for _ in range(repeats)]
-
-
-def _setup_then_time(fn: Callable[[], object], setup: Callable[[], object] | None) -> float:
-    if setup is not None:
-        setup()
-    return timed(fn)
 
 
 # -- page cache
-@dataclass(frozen=True)
-class CacheDrop:
-    """How a cold start was made: ``method`` is ``drop_caches``, ``fadvise`` or ``none``."""
-
-    method: str
-    note: str = ""
-
-
-def drop_caches(fallback_files: tuple[Path, ...] = ()) -> CacheDrop:
-    """``sync; echo 3 > /proc/sys/vm/drop_caches``; needs root.
-
-    Without root, the named files' clean pages are evicted with ``posix_fadvise(DONTNEED)``
-    instead (index and pack pages of a store stay cached then), and the result says so.
-    """
-    os.sync()
-    try:
-        DROP_CACHES.write_text("3\n")
-        return CacheDrop("drop_caches")
-    except OSError as exc:
-        reason = f"cannot write {DROP_CACHES} ({exc.strerror}; it needs root)"
-    evicted = 0
-    for path in fallback_files:
-        for file in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir()
-                     else [path]):
-            try:
-                fd = os.open(file, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                evicted += 1
-            finally:
-                os.close(fd)
-    if evicted:
-        return CacheDrop("fadvise", f"{reason}: evicted {evicted} source files with fadvise")
-    return CacheDrop("none", f"{reason}: cold figures are not cold")
-
-
-def settle(seconds: float) -> None:
-    """Flush dirty pages, then idle so the machine is in the same state before every timed run.
-
-    On a VM that hands freed memory back to its host (virtio-balloon free page reporting, as
-    here), memory freed just before a run is cheap to reuse and memory freed seconds earlier is
-    not: idling a few seconds makes every run pay the same (the realistic, pessimistic) price.
-    """
-    os.sync()
-    if seconds > 0:
-        time.sleep(seconds)
-
-
 def page_cache_probe(directory: Path, size_bytes: int = 256 * MIB,
                      idle_s: float = 3.0) -> dict[str, float]:
     """MB/s of buffered writes of a new file (no fsync): after ``idle_s`` idle, and again at once.
@@ -224,22 +89,6 @@ def page_cache_probe(directory: Path, size_bytes: int = 256 * MIB,
             os.close(fd)
             os.unlink(path)
     return rates
-
-
-def warm(path: Path, block_bytes: int = 8 * MIB) -> int:
-    """Read a file (or every file below a directory) so its pages are cached; returns bytes."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    total = 0
-    for file in files:
-        with open(file, "rb", buffering=0) as f:
-            while chunk := f.read(block_bytes):
-                total += len(chunk)
-    return total
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes of the regular files below ``path``, not following symlinks."""
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 # -- test data
@@ -307,80 +156,6 @@ def make_weights(path: Path, size_mib: int, dtype: str = "fp32", seed: int = 0,
 
 
 # -- results
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _mem_total_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _filesystem(path: Path) -> dict[str, str]:
-    """The mount (device, mount point, type) that holds ``path``."""
-    best = ("", "", "")
-    target = str(path.resolve())
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mnt, fstype = line.split()[:3]
-            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                    best[1]):
-                best = (dev, mnt, fstype)
-    except OSError:
-        pass
-    return {"device": best[0], "mount": best[1], "type": best[2]}
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(BENCH_DIR), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(
-            ["git", "-C", str(BENCH_DIR), "status", "--porcelain", "hubfs"],
-            check=False, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_facts(workdir: Path | None = None) -> dict[str, Any]:
-    import hubfs
-
-    versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    facts: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "mem_total_bytes": _mem_total_bytes(),
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-        "hubfs_version": hubfs.__version__,
-        "hubfs_commit": _git_commit(),
-        "libraries": versions,
-        "root": os.geteuid() == 0,
-    }
-    if workdir is not None:
-        facts["workdir"] = str(workdir)
-        facts["workdir_filesystem"] = _filesystem(workdir)
-    return facts
-
-
 def write_result(name: str, measurements: list[Measurement], facts: dict[str, Any],
                  extra: dict[str, Any] | None = None, path: Path | None = None) -> Path:
     """Write ``bench/results/<name>-<timestamp>.json`` (or ``path``); returns where."""

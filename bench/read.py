@@ -17,26 +17,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import mmap
-import os
 import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    MIB,
-    Measurement,
+from bench.common import MIB, Measurement, machine_facts, make_weights, write_result
+from hubfs.benchmark import (
+    RANDOM_READ_BYTES,
     drop_caches,
-    machine_facts,
-    make_weights,
+    load_safetensors,
+    measure_pair,
+    read_random,
+    read_sequential,
+    touch_pages,
     warm,
-    write_result,
 )
 from hubfs.importer import import_tree
 from hubfs.progress import Progress
@@ -44,8 +43,6 @@ from hubfs.store import Store
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK_BYTES = 1 * MIB
-RANDOM_READ_BYTES = 4096
 # name -> minimum hubfs/native ratio from the issue
 TARGETS = {
     "seq_cold": 1.0,
@@ -55,57 +52,17 @@ TARGETS = {
 }
 
 
-def read_sequential(path: Path) -> int:
-    total = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while data := os.read(fd, READ_BLOCK_BYTES):
-            total += len(data)
-    finally:
-        os.close(fd)
-    return total
-
-
-def read_random(path: Path, offsets: list[int]) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for offset in offsets:
-            os.pread(fd, RANDOM_READ_BYTES, offset)
-    finally:
-        os.close(fd)
-    return len(offsets) * RANDOM_READ_BYTES
-
-
-def touch_pages(path: Path) -> int:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
-        total = 0
-        for offset in range(0, len(mapped), mmap.PAGESIZE):
-            total += mapped[offset]
-        return len(mapped)
-
-
-def load_safetensors(path: Path) -> int:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def measure(name: str, nbytes: int, fn: Callable[[Path], object], native: Path, mounted: Path,
             repeats: int, cold: bool, store: Path) -> tuple[Measurement, Measurement]:
-    """Alternate native and hubfs runs so drift on a noisy machine hits both alike."""
-    results: dict[str, list[float]] = {"native": [], "hubfs": []}
-    for _ in range(repeats):
-        for label, path in (("native", native), ("hubfs", mounted)):
-            if cold:
-                drop_caches((native, store))
-            else:
-                warm(path)
-            start = time.perf_counter()
-            fn(path)
-            results[label].append(time.perf_counter() - start)
-    return (Measurement(f"{name}/native", nbytes, results["native"]),
-            Measurement(f"{name}/hubfs", nbytes, results["hubfs"]))
+    """Native and hubfs runs alternate (``hubfs.benchmark.measure_pair``), each after a dropped
+    or warmed page cache."""
+    def prepare(label: str) -> None:
+        if cold:
+            drop_caches((native, store))
+        else:
+            warm(native if label == "native" else mounted)
+
+    return measure_pair(name, nbytes, fn, [(native, mounted)], repeats, prepare)
 
 
 def hubfs_cli(*args: str) -> None:

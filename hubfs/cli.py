@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -290,58 +291,175 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hubfs", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark
 
-    p = sub.add_parser("init", help="create an empty store")
+    if args.plot is not None:
+        benchmark.check_plot_available()  # before minutes of measuring, not after
+    if args.repeats < 1 or args.random_reads < 0:
+        raise HubfsError("--repeats must be at least 1 and --random-reads at least 0", 2)
+    result = benchmark.run_bench(args.paths or [Path.cwd()], repeats=args.repeats,
+                                 random_reads=args.random_reads, workdir=args.workdir,
+                                 whole_cache=not args.evict_only)
+    print(benchmark.format_table(result))
+    if args.json is not None:
+        benchmark.write_json(result, args.json)
+        print(f"results: {args.json}")
+    if args.plot is not None:
+        benchmark.write_plot(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from . import prune
+    from .progress import Progress
+
+    top: Path = args.mountpoint
+    if not top.is_dir():
+        raise HubfsError(f"{top} is not a directory: name a hubfs mount (or a cache directory "
+                         "inside one)", 2)
+    unused_for_s = prune.parse_duration_s(args.unused_for) if args.unused_for else None
+    keep_bytes = prune.parse_size_bytes(args.keep_size) if args.keep_size else None
+    now = prune.now_s()
+    entries = prune.scan(top)
+    chosen = prune.select(entries, now_s=now, unused_for_s=unused_for_s, keep_bytes=keep_bytes)
+    plan = prune.plan_removals(entries, chosen)
+    verb = "would remove" if args.dry_run else "removing"
+    for entry in sorted(plan.entries, key=lambda e: e.last_used_s):
+        print(f"{verb} {entry.library} {entry.kind} {entry.name} "
+              f"({human_bytes(entry.size)}, {prune.user_name(entry.uid)}, last used "
+              f"{prune.age(now - entry.last_used_s)} ago)")
+    rows = prune.summary(plan, entries, top)
+    if not rows:
+        print(f"no Hugging Face, torch.hub, TF Hub or datasets cache under {top}")
+        return 0
+    width = max(len("cache"), *(len(r.cache) for r in rows))
+    print(f"\n{'cache':{width}s} {'library':12s} {'user':10s} {'remove':>6s} {'keep':>6s} "
+          f"{'frees':>10s}")
+    for r in rows:
+        print(f"{r.cache:{width}s} {r.library:12s} {r.user:10s} {r.removed:6d} {r.kept:6d} "
+              f"{human_bytes(r.frees_bytes):>10s}")
+    total = f"{len(plan.entries)} of {len(entries)} entries, {human_bytes(plan.frees_bytes)}"
+    if args.dry_run:
+        print(f"dry run: would remove {total}; nothing was changed")
+        return 0
+    for trash in prune.stale_trash(top):  # left by an interrupted prune
+        shutil.rmtree(trash, ignore_errors=True)
+    with Progress("pruning", plan.frees_bytes) as bar:
+        prune.execute(plan, bar.advance)
+    from .mount import mounts
+
+    store = next((m.source for m in mounts() if m.mountpoint == Path(os.path.abspath(top))
+                  or m.mountpoint in Path(os.path.abspath(top)).parents), None)
+    after = f"`hubfs gc {store}`" if store else "`hubfs gc STORE`"
+    print(f"removed {total}; {after} gives the space back to the disk")
+    return 0
+
+
+DESCRIPTION = """\
+hubfs keeps the model caches of every user on a machine (Hugging Face, torch.hub, TF Hub,
+anything in ~/.cache) in one deduplicated store, mounted with FUSE: identical files are stored
+once, whoever downloaded them, and the libraries use the mount unmodified.
+"""
+
+EPILOG = """\
+start here:
+  hubfs init ~/hubfs-store              # once: an empty store (outside the mount)
+  hubfs mount ~/hubfs-store ~/.cache    # returns once mounted
+  eval "$(hubfs env ~/.cache)"          # point HF, torch.hub and TF Hub at it
+
+`hubfs COMMAND --help` tells what each command is for, with an example.
+"""
+
+
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str,
+             purpose: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it is for and shows one example."""
+    return sub.add_parser(name, help=summary, description=purpose,
+                          epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubfs", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "init", "create an empty store",
+                 "Create an empty store in a new directory. Keep it outside the directory you "
+                 "will mount it on;\nhow chunks are compressed is chosen here, once.",
+                 "hubfs init /var/lib/hubfs/store")
     p.add_argument("store", type=Path)
     p.add_argument("--compression", default="auto", choices=["auto", "raw", "max"],
                    help="auto: compress chunks only where it saves >=20%% (default)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("import", help="copy a directory tree into the store")
+    p = _command(sub, "import", "copy a directory tree into the store",
+                 "Copy an existing directory (a ~/.cache, a Hugging Face hub cache, a torch hub "
+                 "directory) into the store,\nkeeping symlinks, hard links, modes, owners and "
+                 "times; bytes already stored are not stored again.",
+                 "hubfs import ~/hubfs-store ~/.cache/huggingface --dest /huggingface")
     p.add_argument("store", type=Path)
     p.add_argument("src", type=Path)
     p.add_argument("--dest", default="/", help="path inside the store (default /)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="write a tree of the store back out")
+    p = _command(sub, "export", "write a tree of the store back out",
+                 "Write a stored directory (or the whole store) back to an ordinary directory, "
+                 "byte for byte.", "hubfs export ~/hubfs-store /huggingface ~/hf-copy")
     p.add_argument("store", type=Path)
     p.add_argument("path")
     p.add_argument("dest", type=Path)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("ls", help="list a directory of the store")
+    p = _command(sub, "ls", "list a directory of the store",
+                 "List a directory of the store without mounting it (works while mounted too).",
+                 "hubfs ls ~/hubfs-store /huggingface/hub")
     p.add_argument("store", type=Path)
     p.add_argument("path", nargs="?", default="/")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("cat", help="write a stored file to stdout")
+    p = _command(sub, "cat", "write a stored file to stdout",
+                 "Write one stored file to stdout without mounting (works while mounted too).",
+                 "hubfs cat ~/hubfs-store /huggingface/token > token")
     p.add_argument("store", type=Path)
     p.add_argument("path")
     p.set_defaults(func=cmd_cat)
 
-    p = sub.add_parser("stats", help="sizes, dedup and compression figures")
+    p = _command(sub, "stats", "sizes, dedup and compression figures",
+                 "How much the store holds, how much is on disk, and what dedup and compression "
+                 "saved, per tree.", "hubfs stats ~/hubfs-store")
     p.add_argument("store", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("verify", help="check every byte and the whole index")
+    p = _command(sub, "verify", "check every byte and the whole index",
+                 "Re-read every stored byte and check the index; names damaged files and exits "
+                 "3 if anything is wrong.", "hubfs verify ~/hubfs-store")
     p.add_argument("store", type=Path)
     p.add_argument("--repair", action="store_true",
-                   help="first restore a damaged index from its newest good snapshot and "
-                   "re-derive chunk locations and reference counts from the packs (unmounted)")
+                   help="first rebuild a damaged index from its newest good snapshot and the "
+                   "stored data itself (the store must be unmounted)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("gc", help="give back the space of data no file uses (works mounted)")
+    p = _command(sub, "gc", "give back the space of data no file uses (works mounted)",
+                 "Give back the disk space of data that no file uses any more (after deleting "
+                 "models).\nSafe to interrupt; while mounted it runs inside the mount, readers "
+                 "keep working.", "hubfs gc ~/hubfs-store")
     p.add_argument("store", type=Path)
     p.add_argument("--full", action="store_true",
-                   help="rewrite every pack with any dead byte (default: packs < 80%% live)")
+                   help="give back every unused byte, rewriting more data (slower); by default "
+                   "only pack files at least 20%% unused are rewritten")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("mount", help="mount the store (returns once mounted)")
+    p = _command(sub, "mount", "mount the store (returns once mounted)",
+                 "Mount the store on a directory, usually your cache directory; returns once "
+                 "mounted and logs to STORE/hubfs.log.\nFor one store shared by a machine's "
+                 "users, run it as root with --allow-other --multi-user.",
+                 "hubfs mount ~/hubfs-store ~/.cache")
     p.add_argument("store", type=Path)
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--foreground", "-f", action="store_true",
@@ -361,19 +479,73 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs two full copies on disk (default 64)")
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("umount", help="store everything, unmount, wait for the daemon")
+    p = _command(sub, "umount", "store everything, unmount, wait for the daemon",
+                 "Unmount: everything written is stored first; says so if files are still "
+                 "open.", "hubfs umount ~/.cache")
     p.add_argument("mountpoint", type=Path)
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("status", help="how a running mount is doing: open files, pending "
-                       "commits, read mode, errors, free space")
-    p.add_argument("mountpoint", type=Path)
-    p.add_argument("--json", action="store_true", help="one JSON object")
+    p = _command(sub, "status", "how a running mount is doing",
+                 "Ask a mount's daemon how it is doing: its pid and uptime, whether reads are "
+                 "served by the\nkernel (passthrough) or the daemon and why, open files, files "
+                 "still being stored, cache\nsizes, the last index snapshot, recent errors and "
+                 "the store disk's free space.", "hubfs status ~/.cache --json")
+    p.add_argument("mountpoint", type=Path, metavar="MNT", help="a hubfs mount point")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("env", help="print the exports that put the ML caches in a mount")
+    p = _command(sub, "env", "print the exports that put the ML caches in a mount",
+                 "Print the shell exports (XDG_CACHE_HOME, HF_HOME, TORCH_HOME, "
+                 "TFHUB_CACHE_DIR) that put the ML\nlibraries' caches in the mount; in a "
+                 "multi-user mount, in your own tree.", 'eval "$(hubfs env ~/.cache)"')
     p.add_argument("mountpoint", type=Path)
     p.set_defaults(func=cmd_env)
+
+    p = _command(sub, "bench", "read speed through the mount against the same files on disk",
+                 "Measure how fast files read through a hubfs mount, against a native copy of "
+                 "the same files on the\nstore's disk (made first, after a free-space check, "
+                 "and removed afterwards): sequential reads\ncold and hot, random 4 KiB reads, "
+                 "and model load times (safetensors, torch.load with mmap).\nCold runs drop "
+                 "the page cache (as root) or evict the measured files (otherwise, and said "
+                 "so).\nPrints a table of ratios: hubfs speed / native speed, 1.00 = as fast.",
+                 "hubfs bench ~/.cache/huggingface/hub/models--org--model --json b.json "
+                 "--plot b.png")
+    p.add_argument("paths", type=Path, nargs="*", metavar="PATH",
+                   help="files or directories inside a hubfs mount (default: the current "
+                   "directory); symlinks are followed")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each measurement, native and hubfs alternating (default 3)")
+    p.add_argument("--random-reads", type=int, default=2000,
+                   help="4 KiB reads in the random-read measurement (default 2000)")
+    p.add_argument("--workdir", type=Path,
+                   help="where the native copy goes (default: the store's parent directory)")
+    p.add_argument("--evict-only", action="store_true",
+                   help="even as root, evict only the measured files (posix_fadvise) instead "
+                   "of dropping the whole page cache")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="draw the figures (needs matplotlib: pip install 'hubfs[bench]')")
+    p.set_defaults(func=cmd_bench)
+
+    p = _command(sub, "prune", "remove cache entries not used for a while",
+                 "Remove whole cache entries the libraries can lose without harm (they download "
+                 "them again when asked):\na Hugging Face revision (snapshot, refs, blobs no "
+                 "other revision uses), a torch.hub checkpoint or repo,\na TF Hub module, a "
+                 "datasets download or prepared dataset. Chosen by last use (file access "
+                 "times);\nshows what it frees per cache and user. Run `hubfs gc` afterwards "
+                 "to give the space back to the disk.",
+                 "hubfs prune ~/.cache --unused-for 30d --dry-run")
+    p.add_argument("mountpoint", type=Path, metavar="MNT",
+                   help="a hubfs mount, or a directory inside one (any directory works)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--unused-for", metavar="AGE",
+                       help="remove entries not used for AGE: 30d, 12h, 2w")
+    which.add_argument("--keep-size", metavar="SIZE",
+                       help="keep the most recently used entries up to SIZE (500G, 200GiB), "
+                       "remove the rest")
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="show what would be removed, change nothing")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
