@@ -81,7 +81,8 @@ def _store_path(store: Store, path: str) -> tuple[int, Inode]:
             ino = namespace.resolve(txn, path)
             return ino, namespace.get(txn, ino)
         except FsError as exc:
-            raise HubfsError(f"{path}: not in the store ({exc}); list it with `hubfs ls`", 2) \
+            raise HubfsError(f"{path}: not in the store ({exc}); list it with `hubfs ls` (if it "
+                             "should be there, `hubfs verify` checks the index)", 2) \
                 from None
 
 

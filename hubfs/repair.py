@@ -255,7 +255,8 @@ def _rederive(store_path: Path, intact: dict[tuple[int, int], ScannedRecord],
                     continue
                 here = None if entry is None else intact.get(
                     (entry.location.pack_id, entry.location.offset))
-                if entry is None or here is None or here.chunk_id != chunk_id:
+                if entry is None or here is None or here.chunk_id != chunk_id \
+                        or here.location != entry.location:
                     report.relocated += 1
                     txn.put_chunk(chunk_id, ChunkEntry(loc, refs))
                 elif entry.refcount != refs:

