@@ -11,12 +11,15 @@ mount without passthrough shows that these measures do see daemon-served reads.
 from __future__ import annotations
 
 import ctypes
+import grp
 import hashlib
 import json
 import mmap
 import os
+import pwd
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,19 +61,27 @@ class TwoNames:
         return state
 
 
-def _mount(tmp_path: Path, *extra: str) -> Iterator[TwoNames]:
+def is_mounted(path: Path) -> bool:
+    """From /proc/mounts: root cannot even stat another user's FUSE mount."""
+    points = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    return str(path) in points
+
+
+def _mount(tmp_path: Path, *extra: str, user: list[str] | None = None) -> Iterator[TwoNames]:
     backing = tmp_path / "backing.bin"
     with open(backing, "wb") as f:
         f.write(os.urandom(FILE_BYTES))
         os.fsync(f.fileno())  # clean pages, so that POSIX_FADV_DONTNEED can drop them
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    os.chown(mnt, tmp_path.stat().st_uid, tmp_path.stat().st_gid)  # the mounting user's
     log = tmp_path / "daemon.log"
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.passthrough_fs", str(backing),
-                                 str(mnt), *extra], cwd=REPO, stdout=log_file, stderr=log_file)
+        proc = subprocess.Popen([*(user or []), sys.executable, "-m", "tests.passthrough_fs",
+                                 str(backing), str(mnt), *extra],
+                                cwd=REPO, stdout=log_file, stderr=log_file)
     deadline = time.monotonic() + MOUNT_WAIT_S
-    while not os.path.ismount(mnt):
+    while not is_mounted(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"passthrough_fs did not mount: {log.read_text()}")
@@ -201,3 +212,29 @@ def test_without_passthrough_the_daemon_reads(daemon_served: TwoNames) -> None:
     assert sha256(fs.path / "b") == sha256(fs.backing)
     assert fs.state()["reads"] > after_a  # b is a second inode with its own page cache
     assert fs.state()["passthrough_opens"] == 0
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to user nobody needs root")
+def test_non_root_mount_falls_back_to_daemon_reads() -> None:
+    """Without CAP_SYS_ADMIN the kernel refuses backing files (EPERM): the daemon serves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        top = Path(tmp)
+        os.chmod(top, 0o755)
+        os.chown(top, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+        for fs in _mount(top, user=NOBODY):  # fusermount3 mounts it for nobody
+            assert os.stat(fs.backing).st_mode & 0o004
+            # Only nobody may enter the mount (no allow_other), so nobody reads it.
+            script = ("import hashlib, sys; "
+                      "[print(hashlib.sha256(open(p, 'rb').read()).hexdigest()) "
+                      "for p in sys.argv[1:3]]; print(open(sys.argv[3]).read())")
+            out = subprocess.run([*NOBODY, sys.executable, "-c", script, str(fs.path / "a"),
+                                  str(fs.path / "b"), str(fs.path / "reads")], cwd="/",
+                                 capture_output=True, text=True, check=True).stdout.split("\n")
+            assert out[0] == out[1] == sha256(fs.backing)
+            state = json.loads(out[2])
+            assert state["enabled"] and not state["on"], state
+            assert "Operation not permitted" in state["why"], state
+            assert state["reads"] > 0 and state["passthrough_opens"] == 0, state
