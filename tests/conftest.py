@@ -22,6 +22,7 @@ from hubfs.verify import verify
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_warnings: the test expects WARNING log records")
+    config.addinivalue_line("markers", "mount: the test mounts a real FUSE filesystem")
     config.addinivalue_line("markers", "damaged_store: the test leaves the store damaged on "
                             "purpose, so the fixture skips its final verify")
     # The layers: `pytest -m "not mount and not slow and not clients"` runs the engine alone
