@@ -41,6 +41,8 @@ DB_NAMES = ("meta", "chunks", "contents", "content_refs", "inodes", "dirents", "
 MAP_SIZE_BYTES = 1 << 40
 VALUE_VERSION = 1
 ROOT_INO = 1
+# Below this much free space a failed index write is a full disk, whatever LMDB says.
+FULL_DISK_BYTES = 1024 * 1024
 T = TypeVar("T")
 # Errors LMDB raises when the pages it reads are not what they claim to be (or a transaction
 # already hit such a page): damage to report, not a bug to show.
@@ -425,12 +427,8 @@ class Index:
             raise self._lmdb_damage(exc) from None
         except lmdb.MapFullError as exc:
             raise HubfsError(f"the index at {self.path} is full ({exc})") from exc
-        except lmdb.DiskError as exc:
-            if "No space" in str(exc) or "quota" in str(exc).lower():
-                raise StoreFullError(f"no space left on the disk holding the index {self.path}: "
-                                     "free space there (or run `hubfs gc`) and retry") from exc
-            raise HubfsError(f"cannot write the index at {self.path}: {exc}; "
-                             "free space on its disk and retry") from exc
+        except lmdb.Error as exc:  # a disk error, or a short write on a full disk (EIO)
+            raise self._write_failed(exc) from exc
 
     def settings(self) -> dict[str, Any]:
         """The store's settings, checked key by key (a flipped byte can leave valid JSON)."""
@@ -455,11 +453,18 @@ class Index:
         try:
             self.env.sync(True)
         except lmdb.Error as exc:
-            if "No space" in str(exc) or "quota" in str(exc).lower():
-                raise StoreFullError(f"no space left on the disk holding the index {self.path}:"
-                                     " free space there (or run `hubfs gc`) and retry") from exc
-            raise HubfsError(f"cannot write the index at {self.path}: {exc}; "
-                             "free space on its disk and retry") from exc
+            raise self._write_failed(exc) from exc
+
+    def _write_failed(self, exc: lmdb.Error) -> HubfsError:
+        """The error a user reads when the index cannot be written (LMDB says EIO for a
+        short write on a full disk, so the free space decides)."""
+        disk = os.statvfs(self.path)
+        if ("No space" in str(exc) or "quota" in str(exc).lower()
+                or disk.f_bavail * disk.f_frsize < FULL_DISK_BYTES):
+            return StoreFullError(f"no space left on the disk holding the index {self.path}: "
+                                  "free space there (or run `hubfs gc`) and retry")
+        return HubfsError(f"cannot write the index at {self.path}: {exc}; "
+                          "free space on its disk and retry")
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.name.endswith(".mdb"))
