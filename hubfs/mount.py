@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import gc, repair
+from . import gc, passthrough, repair
 from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
@@ -226,7 +226,7 @@ def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict
         "uptime_s": round(time.time() - started, 1),
         "store": str(fs.store.path),
         "read_mode": "daemon",
-        "read_mode_why": "every read is served by the daemon (FUSE passthrough is not in use)",
+        "read_mode_why": _read_mode_why(),
         **fs.status(),
         "decoded_cache_bytes": fs.store.reader.cached_bytes(),
         "index_bytes": fs.store.index.disk_bytes(),
@@ -237,6 +237,14 @@ def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict
         "free_bytes": disk.f_bavail * disk.f_frsize,
         "disk_bytes": disk.f_blocks * disk.f_frsize,
     }
+
+
+def _read_mode_why() -> str:
+    """Why the daemon serves reads itself (the kernel could, through FUSE passthrough)."""
+    built = ("this pyfuse3 has the passthrough patch" if passthrough.available()
+             else passthrough.NOT_BUILT_REASON)
+    return ("the store keeps file bytes in packs, and passthrough needs one backing file per "
+            f"content, which this store layout does not have yet; {built}")
 
 
 async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]
