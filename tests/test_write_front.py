@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
+from hubfs.staging import SIDECAR_SUFFIX
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
@@ -91,7 +92,7 @@ def test_writes_into_the_stored_front(stepped: Mounted) -> None:
 
 def front_sidecars(store: Path) -> list[Path]:
     """Sidecars that name at least one stored chunk of a file's front."""
-    return [p for p in (store / "staging").glob("*.prefix") if p.stat().st_size]
+    return [p for p in (store / "staging").glob("*" + SIDECAR_SUFFIX) if p.stat().st_size]
 
 
 @pytest.mark.allow_warnings  # recovery logs what it recovered
