@@ -86,6 +86,14 @@ async def read_all(fs: FileSystem, name: bytes) -> bytes:
         await fs.release(fh)
 
 
+async def committing(fs: FileSystem, name: bytes, data: bytes) -> tuple[Pause, int]:
+    """Write and close a file, and hold its commit in the worker: (the pause, the inode)."""
+    pause = Pause(fs.writeback.ingestor, "prepare_stream")
+    _, ino = await write_file(fs, name, data)
+    await pause.wait_reached()
+    return pause, ino
+
+
 def payload(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -118,9 +126,7 @@ def test_reopen_and_write_during_commit_is_stored_too(store: Store) -> None:
     first, more = payload(2 * MIB, 1), payload(MIB, 2)
 
     async def scenario(fs: FileSystem) -> None:
-        pause = Pause(fs.writeback.ingestor, "prepare_stream")
-        _, ino = await write_file(fs, b"f", first)
-        await pause.wait_reached()
+        pause, ino = await committing(fs, b"f", first)
         fh, _ = await fs.open(ino, os.O_WRONLY)
         await fs.write(fh, len(first), more)  # lands while the commit prepares
         pause.go()
@@ -139,9 +145,7 @@ def test_truncate_and_fsync_during_commit(store: Store) -> None:
     data = payload(2 * MIB, 3)
 
     async def scenario(fs: FileSystem) -> None:
-        pause = Pause(fs.writeback.ingestor, "prepare_stream")
-        _, ino = await write_file(fs, b"f", data)
-        await pause.wait_reached()
+        pause, ino = await committing(fs, b"f", data)
         fh, _ = await fs.open(ino, os.O_WRONLY)
         await fs.fsync(fh)
         await fs.setattr(ino, size=MIB // 2)
@@ -159,9 +163,7 @@ def test_truncate_by_path_during_commit(store: Store) -> None:
     data = payload(2 * MIB, 4)
 
     async def scenario(fs: FileSystem) -> None:
-        pause = Pause(fs.writeback.ingestor, "prepare_stream")
-        _, ino = await write_file(fs, b"f", data)
-        await pause.wait_reached()
+        pause, ino = await committing(fs, b"f", data)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: fs.setattr(ino, size=1000))  # waits for the commit
             await trio.sleep(0.05)
@@ -176,9 +178,7 @@ def test_unlink_during_commit_leaves_no_inode(store: Store) -> None:
     data = payload(MIB, 5)
 
     async def scenario(fs: FileSystem) -> None:
-        pause = Pause(fs.writeback.ingestor, "prepare_stream")
-        _, ino = await write_file(fs, b"f", data)
-        await pause.wait_reached()
+        pause, ino = await committing(fs, b"f", data)
         await fs.unlink(ROOT_INO, b"f")
         pause.go()
         await fs.writeback.settle()
