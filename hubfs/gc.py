@@ -118,6 +118,7 @@ def _rewrite(store: Store, pack_id: int, entries: list[tuple[bytes, ChunkEntry]]
                 current = txn.chunk(cid)
                 if current is not None and current.location == old:
                     txn.put_chunk(cid, ChunkEntry(new, current.refcount))
+        store.index.sync()  # the new locations are on disk before the old pack goes
         store.reader.forget_tables()
         store.packs.retire(pack_id)
         os.unlink(store.packs.path(pack_id))

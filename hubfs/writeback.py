@@ -379,8 +379,10 @@ class WriteBack:
         if not alive:
             return True  # unlinked meanwhile: removing the inode drops the staging
         del self._files[ino]
-        self._discard(staging)
         self._switched(ino, prepared.content_id)
+        if staging.durable:  # fsync'd bytes: the index that now holds them must be on disk
+            await self._thread(self.store.index.sync)  # before their staging file goes
+        self._discard(staging)
         log.debug("committed inode %d", ino)
         return True
 
