@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import lmdb
@@ -30,7 +31,7 @@ from .importer import export_tree, import_tree
 from .index import Inode
 from .progress import human_bytes
 from .store import Store
-from .verify import verify
+from .verify import FILE_TYPES, VerifyReport, verify
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def _store_path(store: Store, path: str) -> tuple[int, Inode]:
             return ino, namespace.get(txn, ino)
         except FsError as exc:
             raise HubfsError(f"{path}: not in the store ({exc}); list it with `hubfs ls` (if it "
-                             "should be there, `hubfs verify` checks the index)", 2) \
-                from None
+                             "should be there, the index is damaged: run `hubfs verify --repair "
+                             f"{store.path}`)", 2) from None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -109,6 +110,10 @@ def cmd_cat(args: argparse.Namespace) -> int:
     with Store(args.store, readonly=True) as store:
         _ino, inode = _store_path(store, args.path)
         if not stat.S_ISREG(inode.mode):
+            if stat.S_IFMT(inode.mode) not in FILE_TYPES:
+                raise HubfsError(f"{args.path}: the index records an unknown file type "
+                                 f"({inode.mode:o}), so the index is damaged: run "
+                                 f"`hubfs verify --repair {args.store}`", 3)
             raise HubfsError(f"{args.path} is not a regular file", 2)
         out = sys.stdout.buffer
         for data in store.reader.pieces(inode.content_id):  # to the content's own size
@@ -164,11 +169,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"damaged file: {path}")
     print(f"checked {report.records} records ({human_bytes(report.bytes_checked)})")
     if not report.ok:
-        raise HubfsError(f"store {args.store} is damaged: {len(report.problems)} problems, "
-                         f"{len(report.damaged_files)} damaged files (listed above); restore "
-                         "those files from their source and delete the damaged copies", 3)
+        raise HubfsError(_damage_message(args.store, report, repaired=args.repair), 3)
     print("store is consistent")
     return 0
+
+
+def _damage_message(store: Path, report: VerifyReport, repaired: bool) -> str:
+    """One line: what verify found, and what ``--repair`` does (or did not) do about it."""
+    found = (f"store {store} is damaged: {len(report.problems)} problems, "
+             f"{len(report.damaged_files)} damaged files (listed above)")
+    if not repaired:
+        return (f"{found}: run `hubfs verify --repair {store}`, which rebuilds the index "
+                "(from a snapshot and the packs) and re-points chunks to intact copies; bytes "
+                "that no pack holds intact it cannot bring back")
+    if report.index_problems:
+        return (f"{found}: `hubfs verify --repair` found no snapshot that repairs the index; "
+                "it raised reference counts so gc keeps every chunk: copy out what reads back "
+                "and import it into a new store")
+    return (f"{found}: their bytes are in no pack any more, which `hubfs verify --repair` "
+            "cannot bring back; restore those files from their source and delete the damaged "
+            "copies")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -288,7 +308,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
           f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}")
     if result["damaged_packs"]:
         raise HubfsError(f"{result['damaged_packs']} packs hold damaged data and were kept: "
-                         "run `hubfs verify` to list the affected files", 3)
+                         f"run `hubfs verify --repair {args.store}` to re-point their chunks "
+                         "to intact copies and list the files it cannot restore", 3)
     return 0
 
 
@@ -578,6 +599,11 @@ def run_guarded(args: argparse.Namespace) -> int:
         try:
             _die_with_parent()
             code = run(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # a bug: show it (os._exit below would swallow it)
+            traceback.print_exc()
+            raise
         finally:
             try:
                 sys.stdout.flush()

@@ -236,7 +236,7 @@ class Txn:
 
     def next_counter(self, key: str, start: int = 1) -> int:
         raw = self.meta_get(key)
-        value = U64.unpack(raw)[0] if raw else start
+        value = decoded("counter", U64.unpack, raw)[0] if raw else start
         self.meta_put(key, U64.pack(value + 1))
         return value
 
@@ -275,7 +275,7 @@ class Txn:
 
     def content_refs(self, content_id: bytes) -> int:
         raw = self.raw.get(content_id, db=self.dbs["content_refs"])
-        return U64.unpack(raw)[0] if raw else 0
+        return decoded("content reference count", U64.unpack, raw)[0] if raw else 0
 
     def put_content_refs(self, content_id: bytes, refs: int) -> None:
         self.raw.put(content_id, U64.pack(refs), db=self.dbs["content_refs"])
@@ -283,7 +283,7 @@ class Txn:
     def all_content_refs(self) -> Iterator[tuple[bytes, int]]:
         with self.raw.cursor(db=self.dbs["content_refs"]) as cur:
             for key, value in cur:
-                yield bytes(key), U64.unpack(value)[0]
+                yield bytes(key), decoded("content reference count", U64.unpack, value)[0]
 
     # -- inodes
     def inode(self, ino: int) -> Inode | None:
@@ -299,7 +299,8 @@ class Txn:
     def inodes(self) -> Iterator[tuple[int, Inode]]:
         with self.raw.cursor(db=self.dbs["inodes"]) as cur:
             for key, value in cur:
-                yield U64.unpack(key)[0], decoded("inode", Inode.decode, value)
+                yield (decoded("inode", U64.unpack, key)[0],
+                       decoded("inode", Inode.decode, value))
 
     # -- directory entries
     def dirent(self, parent: int, name: bytes) -> tuple[int, int] | None:

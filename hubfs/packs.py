@@ -62,6 +62,12 @@ MAX_RECORD_RAW_BYTES = 64 * 1024 * 1024  # far above any chunk size; bounds what
 OPEN_PACKS_MAX = 64
 
 
+# What a user can do about pack bytes that are damaged or gone, said the same way everywhere.
+PACK_DAMAGE_FIX = ("`hubfs verify --repair STORE` re-points such chunks to an intact copy if a "
+                   "pack holds one, but cannot bring back bytes no pack holds: it lists the "
+                   "files to restore from their source")
+
+
 class PackMissingError(IntegrityError):
     """A pack file is gone: gc deleted it after moving its chunks, or the store is damaged."""
 
@@ -138,8 +144,8 @@ class PackFiles:
                 fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise PackMissingError(
-                    f"pack file {self.path(pack_id)} is missing; run `hubfs verify` to list the "
-                    "files it held", None) from None
+                    f"pack file {self.path(pack_id)} is missing (put it back if it was moved); "
+                    f"{PACK_DAMAGE_FIX}", None) from None
             self._fds[pack_id] = fd
             if len(self._fds) > OPEN_PACKS_MAX:
                 _, old = self._fds.popitem(last=False)
@@ -187,7 +193,7 @@ class PackFiles:
     def _damaged(self, chunk_id: bytes, loc: ChunkLocation, why: str) -> IntegrityError:
         return IntegrityError(
             f"damaged chunk {chunk_id.hex()[:16]} in {self.path(loc.pack_id)} at offset "
-            f"{loc.offset}: {why}; run `hubfs verify STORE` to list the affected files",
+            f"{loc.offset}: {why}; {PACK_DAMAGE_FIX}",
             chunk_id,
         )
 

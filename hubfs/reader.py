@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .compression import Codec, decode
 from .errors import IntegrityError
 from .index import Index
-from .packs import CHECK_BLOCK_BYTES, ChunkLocation, PackFiles, PackMissingError
+from .packs import CHECK_BLOCK_BYTES, PACK_DAMAGE_FIX, ChunkLocation, PackFiles, PackMissingError
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,17 @@ class ContentReader:
         with self.index.read() as txn:
             table = txn.content(content_id)
             if table is None:
-                raise IntegrityError(f"content {content_id.hex()[:16]} is missing from the index;"
-                                     " run `hubfs verify STORE`", None)
+                raise IntegrityError(f"content {content_id.hex()[:16]} is missing from the index "
+                                     "(the index is damaged): run `hubfs verify --repair STORE` "
+                                     "to restore it from a snapshot", None)
             locations = []
             for chunk_id in table.chunk_ids:
                 entry = txn.chunk(chunk_id)
                 if entry is None:
                     raise IntegrityError(
-                        f"chunk {chunk_id.hex()[:16]} is missing from the index; run "
-                        "`hubfs verify STORE` to list the affected files", chunk_id)
+                        f"chunk {chunk_id.hex()[:16]} is missing from the index (the index is "
+                        "damaged): run `hubfs verify --repair STORE` to re-derive it from the "
+                        "packs", chunk_id)
                 locations.append(entry.location)
         starts, pos = [], 0
         for length in table.lengths:
@@ -182,4 +184,4 @@ class ContentReader:
         except ValueError as exc:
             raise IntegrityError(
                 f"chunk {chunk_id.hex()[:16]} in {self.packs.path(loc.pack_id)} does not decode "
-                f"({exc}); run `hubfs verify STORE` to list the affected files", chunk_id) from exc
+                f"({exc}); {PACK_DAMAGE_FIX}", chunk_id) from exc

@@ -180,21 +180,22 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
             if candidate != index_dir:
                 _install(candidate / "data.mdb", index_dir)
             trial = RepairReport()
-            _rederive(store_path, intact, trial, lower_refs=True)
-            with Store(store_path, readonly=True) as store:
-                checked = verify(store, progress=False, intact=intact)
-            if not checked.index_problems:
-                chosen, report = candidate, trial
-                break
-            log.info("repair: %s still has %d index problems after re-deriving", candidate,
-                     checked.index_problems)
+            try:  # a page that reads back can still fail a write (a damaged free list)
+                _rederive(store_path, intact, trial, lower_refs=True)
+                with Store(store_path, readonly=True) as store:
+                    checked = verify(store, progress=False, intact=intact)
+            except HubfsError as exc:
+                log.info("repair: %s cannot be re-derived: %s", candidate, exc.message)
+            else:
+                if not checked.index_problems:
+                    chosen, report = candidate, trial
+                    break
+                log.info("repair: %s still has %d index problems after re-deriving",
+                         candidate, checked.index_problems)
             if original is not None:  # back to the live index as it was
                 _install(original / "data.mdb", index_dir)
         if chosen is None:  # nothing comes out clean: keep every reference count
-            chosen = candidates[0]
-            if chosen != index_dir:
-                _install(chosen / "data.mdb", index_dir)
-            _rederive(store_path, intact, report, lower_refs=False)
+            chosen = _rederive_first(store_path, candidates, original, intact, report)
             report.notes.append("the index still has problems that no snapshot repairs; "
                                 "reference counts were only raised, never lowered, so gc "
                                 "keeps every chunk a damaged table may still need")
@@ -218,6 +219,27 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
         return report
     finally:
         os.close(lock_fd)
+
+
+def _rederive_first(store_path: Path, candidates: list[Path], original: Path | None,
+                    intact: dict[tuple[int, int], ScannedRecord], report: RepairReport) -> Path:
+    """Install the first candidate that takes a re-derivation that only raises counts."""
+    index_dir = store_path / "index"
+    for candidate in candidates:
+        source = original if candidate == index_dir else candidate
+        if source is not None:  # the live index as it was, or a snapshot
+            _install(source / "data.mdb", index_dir)
+        try:
+            _rederive(store_path, intact, report, lower_refs=False)
+        except HubfsError as exc:
+            log.info("repair: %s cannot be re-derived: %s", candidate, exc.message)
+            continue
+        return candidate
+    if original is not None:
+        _install(original / "data.mdb", index_dir)
+    raise HubfsError(f"the index of {store_path} and every snapshot are too damaged to rewrite: "
+                     "nothing to restore from; `hubfs verify --repair` cannot help, copy out "
+                     "what `hubfs cat` still reads and import it into a new store", 3)
 
 
 def _install(data_mdb: Path, index_dir: Path) -> None:

@@ -26,6 +26,8 @@ from .progress import Progress
 from .store import Store
 
 log = logging.getLogger(__name__)
+FILE_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK,
+              stat.S_IFSOCK)
 
 
 @dataclass
@@ -227,6 +229,9 @@ def _check_tree(inodes: dict, dirents: list[tuple[int, bytes, int, int]],
     for ino in sorted(xattr_inos - inodes.keys()):
         report.index_problem(f"extended attributes of missing inode {ino}")
     for ino, inode in inodes.items():
+        if stat.S_IFMT(inode.mode) not in FILE_TYPES:
+            report.index_problem(f"inode {ino}: unknown file type in mode {inode.mode:o}")
+            damaged.add(ino)
         if ino == ROOT_INO:
             continue
         if names[ino] == 0:

@@ -405,6 +405,7 @@ class Outcome:
 
     kind: str
     detail: str = ""
+    line: str = ""  # the last line on stderr: the message a user reads
 
 
 def run_cli(*args: str, timeout_s: float = CLI_TIMEOUT_S) -> Outcome:
@@ -424,8 +425,8 @@ def run_cli(*args: str, timeout_s: float = CLI_TIMEOUT_S) -> Outcome:
     if len(lines) != 1 or not last.startswith("hubfs: error: "):
         return Outcome("messy", proc.stderr[-300:])
     if "problem: " in proc.stdout or "damaged file: " in proc.stdout:
-        return Outcome("problems", proc.stdout.splitlines()[0])
-    return Outcome("error", last)
+        return Outcome("problems", proc.stdout.splitlines()[0], last)
+    return Outcome("error", last, last)
 
 
 @dataclass(frozen=True)
