@@ -220,7 +220,7 @@ class WriteBack:
             entry = txn.chunk(chunk_id)
         if entry is None:
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]} of a file being written is gone "
-                                 "from the index; run `hubfs verify`", chunk_id)
+                                 "from the index; run `hubfs verify --repair STORE`", chunk_id)
         return entry.location
 
     def _chunk_bytes(self, chunk_id: bytes, lo: int, hi: int) -> bytes:
