@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +138,8 @@ class WriteBack:
         if pending is not None:
             return pending.staging
         if keep and inode.size:
-            table = self.store.reader.table(inode.content_id)
             staging = Staging.over(self.staging_dir, ino, inode.mtime_ns, inode.content_id,
-                                   table.chunk_ids, tuple(loc.raw_len for loc in table.locations))
+                                   *self._content_chunks(inode.content_id))
         else:
             staging = Staging.create(self.staging_dir, ino, inode.mtime_ns)
         self._files[ino] = Pending(staging)
@@ -167,14 +166,8 @@ class WriteBack:
         return written
 
     async def _ingest_front_in_background(self, ino: int, pending: Pending) -> None:
-        try:
-            await self._ingest_front(ino, pending)
-        except HubfsError as exc:
-            log.error("inode %d: could not store the front of the file being written (%s); "
-                      "its bytes stay in staging", ino, exc.message)
-        except Exception:
-            log.exception("inode %d: could not store the front of the file being written; its "
-                          "bytes stay in staging", ino)
+        await _reporting(self._ingest_front(ino, pending), f"the front of inode {ino} is not "
+                         "stored yet; its bytes stay in staging")
 
     def truncate(self, ino: int, inode: Inode, size: int) -> None:
         staging = self.for_write(ino, inode, keep=size > 0)
@@ -316,13 +309,8 @@ class WriteBack:
 
     async def _commit_in_background(self, ino: int) -> None:
         try:
-            await self.commit(ino)
-        except HubfsError as exc:  # a full disk: the file stays readable from staging
-            log.error("inode %d is not stored yet (%s); it stays in staging and is stored at "
-                      "its next close or at the next mount", ino, exc.message)
-        except Exception:
-            log.exception("could not store inode %d; it stays in staging and is stored at its "
-                          "next close or at the next mount", ino)
+            await _reporting(self.commit(ino), f"inode {ino} is not stored yet; it stays in "
+                             "staging and is stored at its next close or at the next mount")
         finally:
             self._background.release()
             self._background_done.set()
@@ -395,14 +383,8 @@ class WriteBack:
     async def flush_all(self) -> None:
         """Commit every staged file (at unmount)."""
         for ino in list(self._files):
-            try:
-                await self.commit(ino, force=True)
-            except HubfsError as exc:  # a full disk: expected, say it in one line
-                log.error("inode %d is not stored at unmount (%s); its staging file is kept "
-                          "for the next mount", ino, exc.message)
-            except Exception:
-                log.exception("could not store inode %d at unmount; its staging file is kept "
-                              "and will be recovered at the next mount", ino)
+            await _reporting(self.commit(ino, force=True), f"inode {ino} is not stored at "
+                             "unmount; its staging file is kept for the next mount")
 
     # -- pins: chunks at refcount 0 that a staged front still needs; gc must keep them
     def _pin(self, ids: list[bytes]) -> None:
@@ -478,6 +460,17 @@ class WriteBack:
     def _content_chunks(self, content_id: bytes) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
         table = self.store.reader.table(content_id)
         return table.chunk_ids, tuple(loc.raw_len for loc in table.locations)
+
+
+async def _reporting(work: Awaitable[None], what: str) -> None:
+    """Run background storing work; a failure is logged (it keeps the bytes staged), one line
+    when a user can cause it (a full disk), with a traceback when it is a bug."""
+    try:
+        await work
+    except HubfsError as exc:
+        log.error("%s (%s)", what, exc.message)
+    except Exception:
+        log.exception("%s", what)
 
 
 def _remove_staging_files(path: str) -> None:
