@@ -133,6 +133,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("logical size", human_bytes(stats["logical_bytes"])),
         ("unique chunks", f"{stats['chunks']} ({human_bytes(stats['unique_bytes'])})"),
         ("stored on disk", human_bytes(stats["stored_bytes"])),
+        ("objects (kernel-served)", f"{stats['objects']} ({human_bytes(stats['object_bytes'])})"),
         ("unreferenced (gc frees)", human_bytes(stats["unreferenced_bytes"])),
         ("dedup ratio", f"{stats['dedup_ratio']:.2f}x"),
         ("compression ratio", f"{stats['compression_ratio']:.2f}x"),
@@ -156,7 +157,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         fixed = repair(args.store)
         for note in fixed.notes:
             print(f"repair: {note}")
-        print(f"repair: {fixed.relocated} chunk locations re-derived from the packs, "
+        print(f"repair: {fixed.relocated} chunk locations re-derived from the packs and "
+              f"objects, {fixed.objects_fixed} content objects re-mapped, "
               f"{fixed.refcounts_fixed} reference counts corrected, {fixed.missing_chunks} "
               "chunks have no intact copy")
     with Store(args.store, readonly=True) as store:

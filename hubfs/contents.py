@@ -42,6 +42,7 @@ class PreparedContent:
     table: ContentTable
     new_chunks: dict[bytes, ChunkLocation] = field(default_factory=dict)
     new_stored_bytes: int = 0
+    object_id: int = 0  # the content's bytes become this object (hubfs.objects), if not 0
 
 
 EMPTY = PreparedContent(content_id(0, ()), ContentTable(0, (), ()))
@@ -58,21 +59,32 @@ def register(txn: Txn, prepared: PreparedContent) -> None:
     """Make prepared content known to the index; its packs must already be synced.
 
     The new content starts with no reference: ``add_ref`` (through the namespace) gives it one.
+    With an object (hubfs.objects), chunks whose copy is in a pack move into the object, so
+    the store keeps one copy (gc reclaims the pack's); a content stored before without an
+    object gets it now.
     """
-    if txn.content(prepared.content_id) is not None:
+    if prepared.object_id:
+        if txn.object_of(prepared.content_id) is not None:
+            return  # a concurrent commit made one first; this object file is gc's to remove
+        txn.put_object(prepared.content_id, prepared.object_id)
+    known = txn.content(prepared.content_id) is not None
+    if known and not prepared.object_id:
         return
-    for chunk_id in prepared.table.chunk_ids:
+    for chunk_id in dict.fromkeys(prepared.table.chunk_ids) if known else prepared.table.chunk_ids:
         entry = txn.chunk(chunk_id)
+        loc = prepared.new_chunks.get(chunk_id)
         if entry is None:
-            loc = prepared.new_chunks.get(chunk_id)
             if loc is None:
                 raise IntegrityError(
                     f"chunk {chunk_id.hex()[:16]} vanished from the index while a file was being "
                     "stored (was `hubfs gc` run at the same time?); write the file again",
                     chunk_id)
             entry = ChunkEntry(loc, 0)
-        txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount + 1))
-    txn.put_content(prepared.content_id, prepared.table)
+        elif prepared.object_id and loc is not None and not entry.location.in_object:
+            entry = ChunkEntry(loc, entry.refcount)
+        txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount + (not known)))
+    if not known:
+        txn.put_content(prepared.content_id, prepared.table)
 
 
 def register_chunks(txn: Txn, chunks: dict[bytes, ChunkLocation]) -> None:
@@ -97,6 +109,7 @@ def drop_ref(txn: Txn, cid: bytes) -> None:
         return
     table = txn.content(cid)
     txn.delete_content(cid)
+    txn.delete_object(cid)  # the object file goes at the next gc, once no chunk needs it
     if table is None:
         return
     for chunk_id in table.chunk_ids:

@@ -7,7 +7,10 @@ Two steps, each safe to kill at any point:
    committing its reference.
 2. Rewrite every sealed pack whose live bytes fall under ``REWRITE_LIVE_FRACTION``: its live
    records are copied, as stored, to the newest pack and synced; one index transaction moves
-   their locations; only then is the old pack deleted. Killed before the transaction, the copies
+   their locations; only then is the old pack deleted. An object (hubfs.objects) whose content
+   is gone is treated the same way, whatever its live bytes: chunks other contents still use
+   move to a pack, and the file goes. An object file no index entry names (a crash between
+   its link and its commit) is deleted. Killed before the transaction, the copies
    are garbage the next gc drops; killed after it, the old pack has no live bytes and the next gc
    deletes it. An index entry never points at a deleted pack.
 
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 from .errors import IntegrityError
 from .index import ChunkEntry
-from .packs import PACK_HEADER, pack_ids
+from .objects import object_ids
+from .packs import PACK_HEADER, fsync_directory, location_name, pack_ids
 from .progress import Progress
 from .store import Store
 
@@ -66,6 +70,10 @@ def collect(store: Store, progress: Callable[[int, int], None] | None = None,
                     if entry.refcount == 0 and cid not in pinned]
             for cid in dead:
                 txn.delete_chunk(cid)
+            mapped = {object_id for _cid, object_id in txn.objects()}
+        # An object is linked just before the commit that maps it, while its ingest holds the
+        # gate: chosen now, no unmapped object is one being made.
+        unmapped = [o for o in object_ids(store.packs.objects_dir) if o not in mapped]
         report.chunks_dropped = len(dead)
         writer.seal()
     live: dict[int, int] = {}
@@ -75,7 +83,7 @@ def collect(store: Store, progress: Callable[[int, int], None] | None = None,
             loc = entry.location
             live[loc.pack_id] = live.get(loc.pack_id, 0) + loc.record_end - loc.offset
             members.setdefault(loc.pack_id, []).append((cid, entry))
-    candidates = []
+    candidates = [(object_id, live.get(object_id, 0)) for object_id in unmapped]
     for pack_id in sorted(pack_ids(store.packs.directory)):
         if pack_id == writer.current_pack:
             continue
@@ -109,8 +117,8 @@ def _rewrite(store: Store, pack_id: int, entries: list[tuple[bytes, ChunkEntry]]
                 stored = store.packs.read_stored(cid, old)
                 moved.append((cid, old, store.writer.append(cid, old.codec, old.raw_len, stored)))
         except IntegrityError as exc:
-            log.error("gc keeps pack %08x: it holds damaged data (%s); run `hubfs verify`",
-                      pack_id, exc.message)
+            log.error("gc keeps %s: it holds damaged data (%s); run `hubfs verify`",
+                      location_name(pack_id), exc.message)
             report.damaged_packs += 1
             return
         with store.write() as txn:  # syncs the copies first
@@ -118,15 +126,18 @@ def _rewrite(store: Store, pack_id: int, entries: list[tuple[bytes, ChunkEntry]]
                 current = txn.chunk(cid)
                 if current is not None and current.location == old:
                     txn.put_chunk(cid, ChunkEntry(new, current.refcount))
-        store.index.sync()  # the new locations are on disk before the old pack goes
+        store.sync_index()  # the new locations are on disk before the old pack goes
         store.reader.forget_tables()
         store.packs.retire(pack_id)
-        os.unlink(store.packs.path(pack_id))
-        store.writer.sync_directory()
+        path = store.packs.path(pack_id)
+        os.unlink(path)  # an object the kernel serves from stays readable to its opens
+        fsync_directory(path.parent)
     report.records_moved += len(moved)
     report.packs_rewritten += bool(moved)
     report.packs_deleted += 1
 
 
 def _pack_bytes(store: Store) -> int:
-    return sum(store.packs.path(p).stat().st_size for p in pack_ids(store.packs.directory))
+    """Bytes of packs and objects."""
+    return sum(store.packs.path(p).stat().st_size
+               for p in [*pack_ids(store.packs.directory), *object_ids(store.packs.objects_dir)])

@@ -10,6 +10,7 @@ Named databases::
     dirents       parent+name   -> child ino u64, entry seq u64
     dirseq        parent+seq    -> name (readdir order: offsets stay valid as entries change)
     xattrs        ino+name      -> value
+    objects       content id    -> u32 object id (the content's bytes as one file: hubfs.objects)
 
 Integer keys are big-endian so LMDB's byte order is numeric order. Every value starts with a
 version byte. ``Index`` hands out ``Txn`` objects; a write transaction is never held across an
@@ -36,7 +37,10 @@ from .packs import SUM, ChunkLocation
 
 log = logging.getLogger(__name__)
 
-DB_NAMES = ("meta", "chunks", "contents", "content_refs", "inodes", "dirents", "dirseq", "xattrs")
+DB_NAMES = ("meta", "chunks", "contents", "content_refs", "inodes", "dirents", "dirseq", "xattrs",
+            "objects")
+# Databases an index of an older store format lacks until it is opened for writing.
+NEWER_DB_NAMES = ("objects",)
 # Virtual address space reserved for the index; LMDB grows the file only as data is written.
 MAP_SIZE_BYTES = 1 << 40
 VALUE_VERSION = 1
@@ -54,6 +58,7 @@ SETTINGS_TYPES: dict[str, type] = {"format": int, "chunker": dict, "compression"
                                    "pack_target_bytes": int}
 
 U64 = struct.Struct(">Q")
+U32 = struct.Struct("<I")
 KEY2 = struct.Struct(">QQ")
 CHUNK_ENTRY = struct.Struct("<BBIQIIIH")
 CONTENT_HEAD = struct.Struct("<BQI")
@@ -285,6 +290,22 @@ class Txn:
             for key, value in cur:
                 yield bytes(key), decoded("content reference count", U64.unpack, value)[0]
 
+    # -- objects
+    def object_of(self, content_id: bytes) -> int | None:
+        raw = self.raw.get(content_id, db=self.dbs["objects"])
+        return decoded("object", U32.unpack, raw)[0] if raw is not None else None
+
+    def put_object(self, content_id: bytes, object_id: int) -> None:
+        self.raw.put(content_id, U32.pack(object_id), db=self.dbs["objects"])
+
+    def delete_object(self, content_id: bytes) -> None:
+        self.raw.delete(content_id, db=self.dbs["objects"])
+
+    def objects(self) -> Iterator[tuple[bytes, int]]:
+        with self.raw.cursor(db=self.dbs["objects"]) as cur:
+            for key, value in cur:
+                yield bytes(key), decoded("object", U32.unpack, value)[0]
+
     # -- inodes
     def inode(self, ino: int) -> Inode | None:
         raw = self.raw.get(U64.pack(ino), db=self.dbs["inodes"])
@@ -380,7 +401,7 @@ class Index:
     """The LMDB environment of a store."""
 
     def __init__(self, path: Path, readonly: bool = False, create: bool = False,
-                 sync_each_commit: bool = True) -> None:
+                 sync_each_commit: bool = True, tolerate_missing: bool = False) -> None:
         """``sync_each_commit`` False: commits reach the OS at once (a killed process loses
         none) but the disk only at ``sync``: the mount's group commit, which calls it at
         fsync, fsyncdir, unmount and every ``SYNC_INTERVAL_S``."""
@@ -398,8 +419,13 @@ class Index:
                 f"cannot open the index at {path}: {exc}; check that this is a hubfs store "
                 "(`hubfs init` makes one) and that you may read it") from exc
         try:
-            self.dbs = {name: self.env.open_db(name.encode(), create=not readonly)
-                        for name in DB_NAMES}
+            self.dbs = {}
+            for name in DB_NAMES:
+                try:
+                    self.dbs[name] = self.env.open_db(name.encode(), create=not readonly)
+                except lmdb.NotFoundError:
+                    if not (tolerate_missing and name in NEWER_DB_NAMES):
+                        raise
         except lmdb.Error as exc:
             self.env.close()
             raise StoreFormatError(

@@ -19,9 +19,11 @@ import blake3
 
 from . import compression
 from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan
+from .compression import Codec
 from .contents import EMPTY, PreparedContent, content_id
 from .index import ContentTable, Index
-from .packs import ChunkLocation, PackWriter
+from .objects import OBJECT_MIN_BYTES
+from .packs import ChunkLocation, PackWriter, block_sums
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,13 @@ class Reuse:
     @property
     def restart(self) -> int:
         return sum(self.head_lengths)
+
+
+@dataclass(frozen=True)
+class HashedChunk:
+    chunk_id: bytes
+    span: ChunkSpan
+    sums: tuple[int, ...]  # of its 64 KiB blocks, raw: what an object location records
 
 
 class Ingestor:
@@ -93,11 +102,16 @@ class Ingestor:
 
     def prepare_stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
                        progress: Callable[[int], None] | None = None,
-                       reuse: Reuse | None = None) -> PreparedContent:
+                       reuse: Reuse | None = None,
+                       new_object: Callable[[], int] | None = None) -> PreparedContent:
         """Chunk a file and append the chunks the store lacks; the index is not changed.
 
         With ``reuse`` (a new version of a stored or partly stored file), its head chunks are
-        kept, chunking starts at their end, and stops where it cuts where the old tail did."""
+        kept, chunking starts at their end, and stops where it cuts where the old tail did.
+        With ``new_object`` (the bytes ``read`` reads are one file the caller can make an
+        object of), a large file is stored by ``prepare_whole``."""
+        if new_object is not None and size >= OBJECT_MIN_BYTES and reuse is None:
+            return self.prepare_whole(read, size, new_object)
         reuse = reuse or Reuse()
         ids, lengths = list(reuse.head_ids), list(reuse.head_lengths)
         if reuse.tail_ids and self._chunker().header_end(read, size) > reuse.first_change:
@@ -109,6 +123,62 @@ class Ingestor:
             return EMPTY
         table = ContentTable(total, tuple(ids), tuple(lengths))
         return PreparedContent(content_id(total, ids), table, new, new_bytes)
+
+    def prepare_whole(self, read: Callable[[int, int], bytes | memoryview], size: int,
+                      new_object: Callable[[], int]) -> PreparedContent:
+        """A file written from nothing, whole in one file that ``read`` reads: it becomes an
+        object (hubfs.objects: the caller links the file in) when it qualifies; otherwise its
+        missing chunks go to packs, as ``prepare_stream`` would put them.
+
+        Hashing comes first and stores nothing, because whether the file qualifies depends on
+        how much of it the store already holds."""
+        hashed = [HashedChunk(self._zero_id(span.length) if span.zero
+                              else blake3.blake3(data).digest(), span, block_sums(data))
+                  for span, data in self._chunker().stream(read, size)]
+        ids = [h.chunk_id for h in hashed]
+        total = sum(h.span.length for h in hashed)
+        if total == 0:
+            return EMPTY
+        table = ContentTable(total, tuple(ids), tuple(h.span.length for h in hashed))
+        cid = content_id(total, ids)
+        missing: dict[bytes, HashedChunk] = {}
+        for i in range(0, len(hashed), LOOKUP_BATCH):
+            with self.index.read() as txn:
+                if i == 0:
+                    known = txn.content(cid) is not None
+                    has_object = txn.object_of(cid) is not None
+                for h in hashed[i : i + LOOKUP_BATCH]:
+                    if h.chunk_id not in missing and txn.chunk(h.chunk_id) is None:
+                        missing[h.chunk_id] = h
+        new_bytes = sum(h.span.length for h in missing.values())
+        if (total >= OBJECT_MIN_BYTES and not has_object and (known or 2 * new_bytes >= total)
+                and self.kept_raw(read, total, hashed[len(hashed) // 2].span)):
+            object_id = new_object()
+            located: dict[bytes, ChunkLocation] = {}
+            for h in hashed:  # every chunk: copies in packs move here (contents.register)
+                located.setdefault(h.chunk_id, ChunkLocation(
+                    object_id, h.span.offset, Codec.RAW, h.span.length, h.span.length, h.sums))
+            return PreparedContent(cid, table, located, 0, object_id)
+        stored: dict[bytes, ChunkLocation] = {}
+        counts = [0]
+        for h in missing.values():
+            data = memoryview(read(h.span.offset, h.span.length))
+            if len(data) != h.span.length:
+                raise OSError(f"a file being stored shrank under its commit (at {h.span.offset})")
+            self._store_missing([(h.chunk_id, h.span, data)], stored, counts, None)
+        return PreparedContent(cid, table, stored, counts[0])
+
+    def kept_raw(self, read: Callable[[int, int], bytes | memoryview], size: int,
+                 span: ChunkSpan | None = None) -> bool:
+        """Whether the store would keep a file's bytes raw, judged on one chunk (``span``, or
+        the middle of what is written): only such files become objects, since an object
+        cannot be compressed."""
+        if span is None:
+            length = min(size // 2, self.params.max_bytes)
+            span = ChunkSpan(size // 2 - length, length, 0)
+        codec, _ = compression.choose(read(span.offset, span.length), span.elem_width,
+                                      self.policy)
+        return codec == Codec.RAW
 
     def prepare_chunks(self, read: Callable[[int, int], bytes | memoryview], size: int,
                        start: int, final: bool, ids: list[bytes], lengths: list[int],

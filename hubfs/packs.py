@@ -60,6 +60,9 @@ CHECK_BLOCK_BYTES = 64 * 1024
 PACK_TARGET_BYTES = 128 * 1024 * 1024
 MAX_RECORD_RAW_BYTES = 64 * 1024 * 1024  # far above any chunk size; bounds what a scan reads
 OPEN_PACKS_MAX = 64
+# Chunk locations share one id space: packs count up from 1, objects (hubfs.objects: one raw
+# file per content, no record headers) carry this bit.
+OBJECT_BIT = 1 << 31
 
 
 # What a user can do about pack bytes that are damaged or gone, said the same way everywhere.
@@ -88,16 +91,20 @@ def header_bytes(n_sums: int) -> int:
 class ChunkLocation:
     """Where a chunk's record lives and how to read it back."""
 
-    pack_id: int
-    offset: int  # of the record header in the pack file
+    pack_id: int  # a pack, or an object (``OBJECT_BIT`` set)
+    offset: int  # of the record header in the pack file; of the bytes themselves in an object
     codec: Codec
     raw_len: int
     stored_len: int
     sums: tuple[int, ...]
 
     @property
+    def in_object(self) -> bool:
+        return bool(self.pack_id & OBJECT_BIT)
+
+    @property
     def payload_offset(self) -> int:
-        return self.offset + header_bytes(len(self.sums))
+        return self.offset if self.in_object else self.offset + header_bytes(len(self.sums))
 
     @property
     def record_end(self) -> int:
@@ -122,16 +129,29 @@ def pack_name(pack_id: int) -> str:
     return f"{pack_id:08x}.pack"
 
 
-class PackFiles:
-    """Reads records: a bounded set of open pack descriptors and checksum-checked ``pread``."""
+def object_name(object_id: int) -> str:
+    return f"{object_id & ~OBJECT_BIT:08x}.obj"
 
-    def __init__(self, directory: Path) -> None:
+
+def location_name(pack_id: int) -> str:
+    """A pack's or an object's name in messages."""
+    return f"object {object_name(pack_id)}" if pack_id & OBJECT_BIT else f"pack {pack_id:08x}"
+
+
+class PackFiles:
+    """Reads records: a bounded set of open pack (and object) descriptors and checksum-checked
+    ``pread``. Objects live in ``objects_dir`` (by default ``objects`` beside the packs)."""
+
+    def __init__(self, directory: Path, objects_dir: Path | None = None) -> None:
         self.directory = directory
+        self.objects_dir = objects_dir or directory.parent / "objects"
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._retired: list[int] = []
         self._lock = threading.Lock()
 
     def path(self, pack_id: int) -> Path:
+        if pack_id & OBJECT_BIT:
+            return self.objects_dir / object_name(pack_id)
         return self.directory / pack_name(pack_id)
 
     def fd(self, pack_id: int) -> int:
@@ -144,7 +164,7 @@ class PackFiles:
                 fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise PackMissingError(
-                    f"pack file {self.path(pack_id)} is missing (put it back if it was moved); "
+                    f"{location_name(pack_id)} file {self.path(pack_id)} is missing (put it back if it was moved); "
                     f"{PACK_DAMAGE_FIX}", None) from None
             self._fds[pack_id] = fd
             if len(self._fds) > OPEN_PACKS_MAX:
@@ -316,9 +336,6 @@ class PackWriter:
         with self._lock:
             if self._end > PACK_HEADER.size:
                 self._start_pack(self._pack_id + 1)
-
-    def sync_directory(self) -> None:
-        fsync_directory(self.directory)
 
     def sync(self) -> None:
         """Make every record appended before this call durable (and new pack files' names).

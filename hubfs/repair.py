@@ -36,10 +36,11 @@ from pathlib import Path
 
 import lmdb
 
+from .chunking import ChunkerParams
 from .errors import HubfsError
-from .index import ChunkEntry, Index
-from .packs import ChunkLocation, PackFiles, ScannedRecord
-from .verify import VerifyReport, check_packs, verify
+from .index import ChunkEntry, Index, Txn
+from .packs import ChunkLocation, PackFiles
+from .verify import Intact, VerifyReport, check_files, verify
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def snapshots(store: Path) -> list[Path]:
 class RepairReport:
     restored_from: str = ""
     relocated: int = 0
+    objects_fixed: int = 0  # content -> object mappings dropped or re-made
     refcounts_fixed: int = 0
     missing_chunks: int = 0
     notes: list[str] = field(default_factory=list)
@@ -103,7 +105,7 @@ def index_readable(path: Path) -> bool:
     """Whether an index opens and every value in it decodes (run it in a child: see
     ``probe``)."""
     try:
-        index = Index(path, readonly=True)
+        index = Index(path, readonly=True, tolerate_missing=True)
     except HubfsError:
         return False
     try:
@@ -111,6 +113,9 @@ def index_readable(path: Path) -> bool:
         with index.read() as txn:
             for _ in txn.chunks():
                 pass
+            if "objects" in index.dbs:
+                for _ in txn.objects():
+                    pass
             for parent, _name, _child, _seq in list(txn.all_dirents()):
                 for _ in txn.dir_entries(parent):
                     pass
@@ -165,7 +170,7 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
                              "not the file names)", 3)
         packs = PackFiles(store_path / "packs")
         try:
-            intact = check_packs(packs, VerifyReport(), progress)
+            intact = check_files(packs, _chunker_params(candidates), VerifyReport(), progress)
         finally:
             packs.close()
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -221,8 +226,24 @@ def repair(store_path: Path, progress: bool | None = None) -> RepairReport:
         os.close(lock_fd)
 
 
+def _chunker_params(candidates: list[Path]) -> ChunkerParams:
+    """The store's chunking parameters (re-chunking objects needs them), from the first
+    candidate index whose settings read back."""
+    for candidate in candidates:
+        try:
+            index = Index(candidate, readonly=True, tolerate_missing=True)
+            try:
+                return ChunkerParams.from_dict(index.settings()["chunker"])
+            finally:
+                index.close()
+        except (HubfsError, TypeError, ValueError):
+            continue
+    raise HubfsError("no index or snapshot of this store keeps its settings: nothing to "
+                     "restore from", 3)
+
+
 def _rederive_first(store_path: Path, candidates: list[Path], original: Path | None,
-                    intact: dict[tuple[int, int], ScannedRecord], report: RepairReport) -> Path:
+                    intact: Intact, report: RepairReport) -> Path:
     """Install the first candidate that takes a re-derivation that only raises counts."""
     index_dir = store_path / "index"
     for candidate in candidates:
@@ -250,16 +271,20 @@ def _install(data_mdb: Path, index_dir: Path) -> None:
     shutil.copyfile(data_mdb, index_dir / "data.mdb")
 
 
-def _rederive(store_path: Path, intact: dict[tuple[int, int], ScannedRecord],
-              report: RepairReport, lower_refs: bool) -> None:
-    """Chunk locations from the packs, reference counts from the tables and inodes. With
-    ``lower_refs`` False no count goes down (the index is known to be damaged)."""
+def _rederive(store_path: Path, intact: Intact, report: RepairReport, lower_refs: bool) -> None:
+    """Chunk locations from the packs and objects, each content's object from what the
+    objects hold, reference counts from the tables and inodes. With ``lower_refs`` False no
+    count goes down (the index is known to be damaged)."""
+    from .store import upgrade_settings
+
     found: dict[bytes, ChunkLocation] = {}
-    for rec in intact.values():
+    for rec in intact.records.values():
         found.setdefault(rec.chunk_id, rec.location)
     index = Index(store_path / "index")
     try:
         with index.write() as txn:
+            upgrade_settings(txn)  # a snapshot older than the store's format
+            _rederive_objects(txn, intact, report)
             tables = dict(txn.contents())
             uses: Counter[bytes] = Counter(c for t in tables.values() for c in t.chunk_ids)
             for chunk_id in set(uses) | {cid for cid, _ in txn.chunks()}:
@@ -275,7 +300,7 @@ def _rederive(store_path: Path, intact: dict[tuple[int, int], ScannedRecord],
                         report.refcounts_fixed += 1
                         txn.put_chunk(chunk_id, ChunkEntry(entry.location, refs))
                     continue
-                here = None if entry is None else intact.get(
+                here = None if entry is None else intact.records.get(
                     (entry.location.pack_id, entry.location.offset))
                 if entry is None or here is None or here.chunk_id != chunk_id \
                         or here.location != entry.location:
@@ -295,3 +320,16 @@ def _rederive(store_path: Path, intact: dict[tuple[int, int], ScannedRecord],
                     txn.put_content_refs(cid, refs)
     finally:
         index.close()
+
+
+def _rederive_objects(txn: Txn, intact: Intact, report: RepairReport) -> None:
+    """Map each content to an object that holds exactly its bytes, and no other."""
+    by_content = {cid: object_id for object_id, cid in intact.object_contents.items()}
+    for cid, object_id in list(txn.objects()):
+        if intact.object_contents.get(object_id) != cid:
+            txn.delete_object(cid)  # the daemon serves it from its chunks instead
+            report.objects_fixed += 1
+    for cid, object_id in by_content.items():
+        if txn.content(cid) is not None and txn.object_of(cid) is None:
+            txn.put_object(cid, object_id)
+            report.objects_fixed += 1

@@ -279,6 +279,11 @@ class Staging:
         return self.base_starts[-1] + self.base_lengths[-1] if self.base_ids else 0
 
     @property
+    def whole(self) -> bool:
+        """Whether the staging file holds every byte of the file (no stored base)."""
+        return not self.base_ids
+
+    @property
     def staged_bytes(self) -> int:
         """Bytes held by the staging file: what storing this file may add at most."""
         return sum(end - start for start, end in self.extents.pairs())

@@ -5,6 +5,7 @@ Layout (outside any mount)::
     STORE/HUBFS     marker: {"format": N}; tells a store from any other directory
     STORE/index/    LMDB environment (hubfs.index)
     STORE/packs/    pack files (hubfs.packs)
+    STORE/objects/  one file per large content, the kernel's backing files (hubfs.objects)
     STORE/staging/  files being written through a mount, until ingested
     STORE/lock      flock'd by the one process that writes (a mount, an import)
 
@@ -31,12 +32,16 @@ from .chunking import ChunkerParams
 from .errors import HubfsError, StoreBusyError, StoreFormatError
 from .index import Index, Txn
 from .ingest import Ingestor
+from .objects import ObjectFiles, object_ids
 from .packs import PackFiles, PackWriter
 from .reader import ContentReader
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: objects (hubfs.objects). A format 1 store is upgraded in place when it is first opened
+# for writing: it gains the objects directory and the (empty) objects database.
+FORMAT_VERSION = 2
+UPGRADABLE_FORMATS = (1,)
 MARKER = "HUBFS"
 
 
@@ -102,12 +107,14 @@ class Store:
         # Chunks at refcount 0 that a file being written still needs: gc must keep them.
         self.pinned: Counter[bytes] = Counter()
         self.pinned_lock = threading.Lock()
-        _check_marker(path)
+        old_format = _check_marker(path, upgrade=not readonly)
         if not readonly:
             self._lock_fd = _take_lock(path)
         try:
             self.index = Index(path / "index", readonly=readonly,
                                sync_each_commit=sync_each_commit)
+            if old_format:
+                _upgrade(path, self.index, old_format)
             settings = self.index.settings()
             if settings.get("format") != FORMAT_VERSION:
                 raise StoreFormatError(
@@ -122,12 +129,14 @@ class Store:
                 raise StoreFormatError(f"the settings in the index of {path} are damaged "
                                        f"({exc}): `hubfs verify --repair` restores a snapshot",
                                        3) from None
-            self.packs = PackFiles(path / "packs")
+            self.packs = PackFiles(path / "packs", path / "objects")
             self.reader = ContentReader(self.index, self.packs)
             self.writer: PackWriter | None = None
             self.ingestor: Ingestor | None = None
+            self.objects: ObjectFiles | None = None
             if not readonly:
                 self.writer = PackWriter(path / "packs", settings["pack_target_bytes"])
+                self.objects = ObjectFiles(path / "objects")
                 self.ingestor = Ingestor(self.index, self.writer, self.params,
                                          settings["compression"])
         except BaseException:
@@ -150,7 +159,7 @@ class Store:
             raise HubfsError(f"{path} exists and is not an empty directory: choose a new path", 2)
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for sub in ("index", "packs", "staging"):
+            for sub in ("index", "packs", "objects", "staging"):
                 (path / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise HubfsError(f"cannot create the store at {path}: {exc.strerror}; choose a path "
@@ -177,7 +186,7 @@ class Store:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.index.sync()
+            self.sync_index()
         self.packs.close()
         self.index.close()
         self._release_lock()
@@ -215,6 +224,19 @@ class Store:
     def read(self) -> Any:
         return self.index.read()
 
+    def sync_index(self) -> None:
+        """Make every committed index change durable, after the names of the objects it may
+        name (a durable index never points at an object an OS crash could lose)."""
+        if self.objects is not None:
+            self.objects.sync_directory()
+        self.index.sync()
+
+    def object_path(self, content_id: bytes) -> Path | None:
+        """The object file holding a content's bytes, if it has one (hubfs.objects)."""
+        with self.index.read() as txn:
+            object_id = txn.object_of(content_id)
+        return None if object_id is None else self.packs.path(object_id)
+
     # -- reports
     def stats(self) -> dict[str, Any]:
         with self.index.read() as txn:
@@ -232,8 +254,11 @@ class Store:
                     stored += entry.location.stored_len
                 else:
                     dead += entry.location.stored_len
+            objects = sum(1 for _ in txn.objects())
         pack_bytes = sum(f.stat().st_size for f in (self.path / "packs").glob("*.pack"))
-        stored_bytes = pack_bytes + self.index.disk_bytes()
+        object_bytes = sum(self.packs.path(o).stat().st_size
+                           for o in object_ids(self.path / "objects"))
+        stored_bytes = pack_bytes + object_bytes + self.index.disk_bytes()
         return {
             "files": files,
             "logical_bytes": logical,
@@ -242,6 +267,8 @@ class Store:
             "chunk_stored_bytes": stored,
             "unreferenced_bytes": dead,
             "pack_bytes": pack_bytes,
+            "object_bytes": object_bytes,
+            "objects": objects,
             "index_bytes": self.index.disk_bytes(),
             "chunks": chunks,
             "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
@@ -289,7 +316,31 @@ def _tree_stats(txn: Txn) -> dict[str, dict[str, int]]:
     return dict(sorted(per_tree.items()))
 
 
-def _check_marker(path: Path) -> None:
+def _upgrade(path: Path, index: Index, old_format: int) -> None:
+    """Bring a store of an older format to this one, in place (the lock is held)."""
+    (path / "objects").mkdir(mode=0o700, exist_ok=True)
+    with index.write() as txn:  # the index opened the new databases; settings name the format
+        upgrade_settings(txn)
+    index.sync()
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT_VERSION}) + "\n")
+    os.replace(tmp, path / MARKER)
+    log.warning("upgraded store %s from format %d to %d (objects for kernel-served reads)",
+                path, old_format, FORMAT_VERSION)
+
+
+def upgrade_settings(txn: Txn) -> None:
+    """Record this format in an index of an older one (every older format upgrades by
+    adding what is new, which an index opened for writing has already created)."""
+    raw = txn.meta_get("settings")
+    settings = json.loads(raw) if raw else None
+    if isinstance(settings, dict) and settings.get("format") in UPGRADABLE_FORMATS:
+        settings["format"] = FORMAT_VERSION
+        txn.meta_put("settings", json.dumps(settings).encode())
+
+
+def _check_marker(path: Path, upgrade: bool = False) -> int:
+    """Check the store's marker; returns the old format to upgrade from (0: current)."""
     if not path.is_dir():
         raise StoreFormatError(f"store {path} does not exist: create one with `hubfs init {path}`",
                                2)
@@ -315,9 +366,16 @@ def _check_marker(path: Path) -> None:
             f"store {path} has format {version}, newer than this hubfs reads ({FORMAT_VERSION}): "
             "upgrade hubfs", 2)
     if version < FORMAT_VERSION:
+        if version in UPGRADABLE_FORMATS:
+            if upgrade:
+                return version
+            raise StoreFormatError(
+                f"store {path} has the old format {version}: open it for writing once to "
+                f"upgrade it in place (`hubfs mount` or `hubfs gc {path}`)", 2)
         raise StoreFormatError(
             f"store {path} has the old format {version}; this hubfs reads {FORMAT_VERSION}: "
             "use an older hubfs to export it, then import into a new store", 2)
+    return 0
 
 
 def _take_lock(path: Path) -> int:

@@ -1,7 +1,8 @@
 """``hubfs verify``: re-read every record and cross-check the whole index.
 
 Checks, against one consistent index snapshot: every pack record's header and block checksums,
-that each record decodes to bytes whose BLAKE3 is its chunk id, that every index location points
+that each record decodes to bytes whose BLAKE3 is its chunk id, that every object re-chunks to
+the content the index maps to it (the kernel serves objects without the daemon's checks), that every index location points
 at such a record, that chunk and content reference counts equal what the tables and inodes
 imply, and that the namespace is a tree whose link counts add up. Damage is reported as the
 paths of the files it touches, which is what a user can act on.
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 
 import blake3
 
+from .chunking import ChunkerParams
 from .compression import decode
-from .contents import EMPTY
+from .contents import EMPTY, content_id
 from .errors import IntegrityError
 from .index import ROOT_INO, ChunkEntry
-from .packs import ChunkLocation, PackFiles, ScannedRecord, pack_ids, scan
+from .objects import object_ids, scan_object
+from .packs import ChunkLocation, PackFiles, ScannedRecord, location_name, pack_ids, scan
 from .progress import Progress
 from .store import Store
 
@@ -49,12 +52,22 @@ class VerifyReport:
         self.index_problems += 1
 
 
-def verify(store: Store, progress: bool | None = None,
-           intact: dict[tuple[int, int], ScannedRecord] | None = None) -> VerifyReport:
-    """Check ``store``; ``intact`` is ``check_packs``'s result when the caller has it already
-    (repair checks several candidate indexes against the same packs)."""
+@dataclass
+class Intact:
+    """What the store's files hold, read without the index: intact records by (pack or
+    object id, offset), and the content each object's bytes make."""
+
+    records: dict[tuple[int, int], ScannedRecord] = field(default_factory=dict)
+    object_contents: dict[int, bytes] = field(default_factory=dict)
+
+
+def verify(store: Store, progress: bool | None = None, intact: Intact | None = None
+           ) -> VerifyReport:
+    """Check ``store``; ``intact`` is ``check_files``'s result when the caller has it already
+    (repair checks several candidate indexes against the same files)."""
     report = VerifyReport()
     with store.read() as txn:
+        objects = dict(txn.objects())
         chunks = dict(txn.chunks())
         tables = dict(txn.contents())
         content_refs = dict(txn.all_content_refs())
@@ -63,11 +76,13 @@ def verify(store: Store, progress: bool | None = None,
         dirseq = list(txn.all_dirseq())
         xattr_inos = set(txn.all_xattr_inos())
     if intact is None:
-        intact = check_packs(store.packs, report, progress)
-    good = {key: (rec.chunk_id, rec.location) for key, rec in intact.items()}
+        intact = check_files(store.packs, store.params, report, progress)
+    good = {key: (rec.chunk_id, rec.location) for key, rec in intact.records.items()}
     paths = _paths(dirents)
     damaged: set[int] = set()
     bad_chunks = _check_chunks(chunks, good, report)
+    bad_objects = _check_objects(objects, intact, report)
+    damaged |= {ino for ino, inode in inodes.items() if inode.content_id in bad_objects}
     damaged |= _check_refs(chunks, tables, content_refs, inodes, bad_chunks, report)
     damaged |= _check_tree(inodes, dirents, dirseq, xattr_inos, report)
     for ino, inode in sorted(inodes.items()):
@@ -100,37 +115,76 @@ def _paths(dirents: list[tuple[int, bytes, int, int]]) -> dict[int, list[bytes]]
     return out
 
 
-def check_packs(packs: PackFiles, report: VerifyReport, progress: bool | None
-                ) -> dict[tuple[int, int], ScannedRecord]:
-    """Intact records by (pack id, offset); every byte read, decoded and hashed."""
-    good: dict[tuple[int, int], ScannedRecord] = {}
+def check_files(packs: PackFiles, params: ChunkerParams, report: VerifyReport,
+                progress: bool | None) -> Intact:
+    """Every byte of every pack and object read, decoded and hashed."""
+    intact = Intact()
     ids = sorted(pack_ids(packs.directory))
-    total = sum(packs.path(p).stat().st_size for p in ids)
+    objects = sorted(object_ids(packs.objects_dir))
+    total = sum(packs.path(p).stat().st_size for p in ids + objects)
     with Progress("verify", total, enabled=progress) as bar:
         for pack_id in ids:
-            fd = packs.fd(pack_id)
-            end = 0
-            for rec in scan(fd, pack_id):
-                loc = rec.location
-                try:
-                    raw = decode(packs.read_stored(rec.chunk_id, loc), loc.codec, loc.raw_len)
-                    if blake3.blake3(raw).digest() != rec.chunk_id:
-                        raise IntegrityError("content does not hash to its chunk id", rec.chunk_id)
-                except (IntegrityError, ValueError) as exc:
-                    report.problems.append(f"pack {pack_id:08x} offset {loc.offset}: damaged "
-                                           f"record of chunk {rec.chunk_id.hex()[:16]} ({exc})")
-                else:
-                    good[(pack_id, loc.offset)] = rec
-                report.records += 1
-                report.bytes_checked += loc.stored_len
-                bar.advance(loc.record_end - end if end else loc.record_end)
-                end = loc.record_end
-            size = os.fstat(fd).st_size
-            if end and end < size or (not end and size > 16):
-                report.notes.append(f"pack {pack_id:08x}: {size - max(end, 16)} bytes after the "
-                                    "last intact record (a torn or damaged tail)")
-            bar.advance(size - end)
-    return good
+            _check_pack(packs, pack_id, intact, report, bar)
+        for object_id in objects:
+            path = packs.path(object_id)
+            try:
+                size, records = scan_object(path, params, object_id)
+            except OSError as exc:
+                report.problems.append(f"{location_name(object_id)} cannot be read "
+                                       f"({exc.strerror})")
+                continue
+            for rec in records:
+                intact.records[(object_id, rec.location.offset)] = rec
+            intact.object_contents[object_id] = content_id(size, [r.chunk_id for r in records])
+            report.records += len(records)
+            report.bytes_checked += size
+            bar.advance(size)
+    return intact
+
+
+def _check_pack(packs: PackFiles, pack_id: int, intact: Intact, report: VerifyReport,
+                bar: Progress) -> None:
+    fd = packs.fd(pack_id)
+    end = 0
+    for rec in scan(fd, pack_id):
+        loc = rec.location
+        try:
+            raw = decode(packs.read_stored(rec.chunk_id, loc), loc.codec, loc.raw_len)
+            if blake3.blake3(raw).digest() != rec.chunk_id:
+                raise IntegrityError("content does not hash to its chunk id", rec.chunk_id)
+        except (IntegrityError, ValueError) as exc:
+            report.problems.append(f"pack {pack_id:08x} offset {loc.offset}: damaged "
+                                   f"record of chunk {rec.chunk_id.hex()[:16]} ({exc})")
+        else:
+            intact.records[(pack_id, loc.offset)] = rec
+        report.records += 1
+        report.bytes_checked += loc.stored_len
+        bar.advance(loc.record_end - end if end else loc.record_end)
+        end = loc.record_end
+    size = os.fstat(fd).st_size
+    if end and end < size or (not end and size > 16):
+        report.notes.append(f"pack {pack_id:08x}: {size - max(end, 16)} bytes after the "
+                            "last intact record (a torn or damaged tail)")
+    bar.advance(size - end)
+
+
+def _check_objects(objects: dict[bytes, int], intact: Intact, report: VerifyReport
+                   ) -> set[bytes]:
+    """Each content's object must hold exactly its bytes; returns the contents whose object
+    does not (the kernel would serve wrong bytes: repair drops such mappings)."""
+    bad = set()
+    for cid, object_id in objects.items():
+        found = intact.object_contents.get(object_id)
+        if found != cid:
+            bad.add(cid)
+            what = "is missing" if found is None else "holds other bytes (damaged)"
+            report.problems.append(f"{location_name(object_id)} of content {cid.hex()[:16]} "
+                                   f"{what}")
+    unmapped = set(intact.object_contents) - set(objects.values())
+    if unmapped:
+        report.notes.append(f"{len(unmapped)} object files belong to no content (an "
+                            "interrupted commit or a deleted file): `hubfs gc` removes them")
+    return bad
 
 
 def _check_chunks(chunks: dict[bytes, ChunkEntry],
@@ -144,8 +198,8 @@ def _check_chunks(chunks: dict[bytes, ChunkEntry],
         if good.get((loc.pack_id, loc.offset)) != (chunk_id, loc):
             bad.add(chunk_id)
             if entry.refcount:
-                report.problems.append(f"chunk {chunk_id.hex()[:16]}: no intact record at pack "
-                                       f"{loc.pack_id:08x} offset {loc.offset}")
+                report.problems.append(f"chunk {chunk_id.hex()[:16]}: no intact record at "
+                                       f"{location_name(loc.pack_id)} offset {loc.offset}")
     return bad
 
 

@@ -274,7 +274,7 @@ class FileSystem:
         await self.sync_index()
 
     async def sync_index(self) -> None:
-        await self._thread(self.store.index.sync)
+        await self._thread(self.store.sync_index)
 
     async def release(self, fh: int) -> None:
         handle = self.open_files.close(fh)

@@ -61,6 +61,9 @@ class Pending:
 
     staging: Staging
     busy: trio.Lock = field(default_factory=trio.Lock)
+    # Kept whole (no front ingest): the file's bytes would be stored raw, so at commit its
+    # staging file can become its object (hubfs.objects) instead of being copied into packs.
+    whole: bool = False
 
 
 class GroupSync:
@@ -154,7 +157,8 @@ class WriteBack:
             raise StoreFullError(f"the disk holding the store {self.store.path} is full: free "
                                  "space there (or run `hubfs gc`) and write again")
         written = staging.write(offset, data, namespace.now_ns())
-        if staging.front_due(self.step_bytes) and not pending.busy.locked():
+        if (staging.front_due(self.step_bytes) and not pending.whole
+                and not pending.busy.locked()):
             if self._nursery is None:
                 await self._ingest_front(ino, pending)
             else:  # the writer goes on while the front is stored
@@ -252,7 +256,8 @@ class WriteBack:
                 return (self._files.get(ino) is pending and staging.overwrites == overwrites
                         and staging.base_len == start)
 
-            def prepare() -> tuple[dict[bytes, ChunkLocation], list[bytes], list[int]] | None:
+            def prepare() -> (tuple[dict[bytes, ChunkLocation], list[bytes], list[int]]
+                              | str | None):
                 with staging.in_use() as alive:
                     if not alive:
                         return None
@@ -262,14 +267,20 @@ class WriteBack:
 
                     if header_incomplete(read(0, HEADER_PROBE_BYTES), size):
                         return None  # tensor boundaries unknown until the header is written
+                    if not start and self.ingestor.kept_raw(read, size):
+                        return "whole"
                     ids: list[bytes] = []
                     lengths: list[int] = []
                     new, _ = self.ingestor.prepare_chunks(read, size, start, False, ids, lengths)
                     return new, ids, lengths
 
             async with self._prepared(prepare) as result:
+                if result == "whole":
+                    pending.whole = True
+                    return
                 if result is None or not result[1] or not unchanged():
                     return
+                assert not isinstance(result, str)
                 new, ids, lengths = result
                 with self.store.metadata_write() as txn:
                     contents.register_chunks(txn, new)
@@ -277,7 +288,7 @@ class WriteBack:
                 self._pin(ids)
             # the sidecar is about to name these chunks: their index entries must outlive an
             # OS crash before the staging file's copy of the bytes is punched out
-            await self._thread(self.store.index.sync)
+            await self._thread(self.store.sync_index)
             if not unchanged():
                 self._unpin(ids)  # a write changed those bytes meanwhile: keep them staged
                 return
@@ -340,14 +351,23 @@ class WriteBack:
         _check_room(self.store.path, staging)  # fail before appending what cannot all fit
         snap = staging.snapshot()
         reuse = snap.reuse()
+        objects = self.store.objects
+        whole = staging.whole  # the staging file is the file: it can become its object
 
         def prepare() -> PreparedContent | None:
             with staging.in_use() as alive:
                 if not alive:
                     return None
-                return self.ingestor.prepare_stream(
-                    lambda o, n: snap.read(o, n, self._chunk_bytes), snap.layout.size,
-                    reuse=reuse)
+
+                def read(offset: int, length: int) -> bytes | memoryview:
+                    return snap.read(offset, length, self._chunk_bytes)
+
+                prepared = self.ingestor.prepare_stream(
+                    read, snap.layout.size, reuse=None if whole else reuse,
+                    new_object=objects.new_id if objects is not None and whole else None)
+                if prepared.object_id:
+                    os.fsync(staging.fd)  # the object's bytes, durable before the index
+                return prepared
 
         async with self._prepared(prepare) as prepared:
             if prepared is None:
@@ -355,6 +375,9 @@ class WriteBack:
             if staging.generation != snap.generation:
                 self.ingestor.committed(prepared)
                 return False
+            if prepared.object_id:  # no await from here to the commit: no write between
+                assert objects is not None
+                objects.link(staging.path, prepared.object_id)
             with self.store.metadata_write() as txn:
                 inode = txn.inode(ino)
                 alive = inode is not None and inode.nlink > 0
@@ -369,7 +392,7 @@ class WriteBack:
         del self._files[ino]
         self._switched(ino, prepared.content_id)
         if staging.durable:  # fsync'd bytes: the index that now holds them must be on disk
-            await self._thread(self.store.index.sync)  # before their staging file goes
+            await self._thread(self.store.sync_index)  # before their staging file goes
         self._discard(staging)
         log.debug("committed inode %d", ino)
         return True

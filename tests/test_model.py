@@ -24,6 +24,7 @@ from hubfs.packs import PackFiles, PackWriter
 from hubfs.staging import INGEST_STEP_BYTES
 from hubfs.store import Store
 from hubfs.vfs import FileSystem
+from tests.engine_helpers import text_bytes
 
 MIB = 1024 * 1024
 STEP = 1 * MIB
@@ -190,8 +191,9 @@ def test_unlink_during_commit_leaves_no_inode(store: Store) -> None:
 
 
 def test_write_truncate_fsync_during_front_ingest(store: Store) -> None:
-    """A download's front is being stored while the writer goes on, rewrites, truncates."""
-    data = payload(6 * STEP, 6)
+    """A download's front is being stored while the writer goes on, rewrites, truncates.
+    (Text: a file whose bytes would be kept raw is kept whole for its object instead.)"""
+    data = text_bytes(6 * STEP, 6)
 
     async def scenario(fs: FileSystem) -> None:
         fh, ino = await write_file(fs, b"dl", data[: STEP - 1], close=False)
@@ -218,7 +220,7 @@ def test_write_truncate_fsync_during_front_ingest(store: Store) -> None:
 
 def test_front_ingest_then_commit_equals_one_shot_import(store: Store) -> None:
     """Chunking that restarts at stored fronts cuts as one pass would: same content id."""
-    data = payload(7 * STEP + 12345, 7)
+    data = text_bytes(7 * STEP + 12345, 7)
 
     async def scenario(fs: FileSystem) -> None:
         _, ino = await write_file(fs, b"dl", data)
@@ -292,7 +294,7 @@ def test_in_place_updates_at_random_keep_every_byte(store: Store) -> None:
 def test_crash_with_staged_overlay_and_front_recovers_every_byte(store_path: Path) -> None:
     """A daemon that dies (no unmount) leaves stagings and sidecars; the next mount stores
     them: an in-place overlay over stored content and a download with a stored front."""
-    base, more = payload(4 * STEP, 10), payload(5 * STEP, 11)
+    base, more = payload(4 * STEP, 10), text_bytes(5 * STEP, 11)
     expected: dict[bytes, bytes] = {}
 
     def crashed(*args: Any, **kwargs: Any) -> Any:

@@ -1,7 +1,9 @@
-"""A download never costs two full copies on disk: the written front is stored as it grows.
+"""A download never costs two full copies on disk.
 
-With ``--ingest-step-mib 1`` every MiB a file grows by, its finished front becomes chunks and
-is cut out of the staging file. The tests check the disk use while writing, that reads during
+Bytes the store compresses (text, say a dataset's JSON): with ``--ingest-step-mib 1`` every MiB
+a file grows by, its finished front becomes chunks and is cut out of the staging file. Bytes it
+keeps raw (weights): the staging file is kept whole and becomes the content's object at commit
+(hubfs.objects), with no copy at all. The tests check the disk use while writing, that reads during
 the write see every byte, that the stored chunking equals a one-shot import (so dedup is not
 lost), that writes and truncates into the stored front work, and that a crash recovers the
 front from its sidecar.
@@ -22,6 +24,7 @@ from safetensors.numpy import save
 from hubfs.staging import SIDECAR_SUFFIX
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
+from tests.engine_helpers import text_bytes
 
 pytestmark = pytest.mark.mount
 
@@ -49,8 +52,8 @@ def weights(mib: int, seed: int = 0) -> bytes:
 
 
 def test_sequential_write_keeps_staging_small(stepped: Mounted) -> None:
-    data = weights(24)
-    path = stepped.path / "model.safetensors.incomplete"
+    data = text_bytes(24 << 20)
+    path = stepped.path / "data.json.incomplete"
     peak = 0
     with open(path, "wb") as f:
         for i in range(0, len(data), 256 * 1024):
@@ -59,20 +62,51 @@ def test_sequential_write_keeps_staging_small(stepped: Mounted) -> None:
             if i % (2 << 20) == 0:
                 peak = max(peak, staging_disk_bytes(stepped.store))
                 assert path.read_bytes()[: i + 1] == data[: i + 1]  # reads see the front
-    os.rename(path, stepped.path / "model.safetensors")
-    assert (stepped.path / "model.safetensors").read_bytes() == data
+    os.rename(path, stepped.path / "data.json")
+    assert (stepped.path / "data.json").read_bytes() == data
     print(f"staging peak {peak / 1e6:.1f} MB while writing {len(data) / 1e6:.1f} MB")
     assert peak < len(data) / 3, f"staging held {peak} of {len(data)} bytes"
 
     # the same bytes imported in one go dedupe completely: identical chunking
     before = stepped.stats()["unique_bytes"]
-    (stepped.path / "copy.safetensors").write_bytes(data)
+    (stepped.path / "copy.json").write_bytes(data)
     after = stepped.stats()
     assert after["unique_bytes"] == before
 
 
+def stored(mounted: Mounted, key: str, want: int) -> dict:
+    """The store's stats once ``key`` reaches ``want`` (commits run after close)."""
+    deadline = time.monotonic() + 60
+    while (stats := mounted.stats())[key] < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return stats
+
+
+def test_weights_download_becomes_its_object_without_a_copy(stepped: Mounted) -> None:
+    data = weights(24)
+    path = stepped.path / "model.safetensors.incomplete"
+    with open(path, "wb") as f:
+        for i in range(0, len(data), 1 << 20):
+            f.write(data[i : i + (1 << 20)])
+            f.flush()
+        staged = os.stat(next((stepped.store / "staging").iterdir()))
+    os.rename(path, stepped.path / "model.safetensors")
+    stats = stored(stepped, "objects", 1)
+    assert stats["objects"] == 1 and stats["object_bytes"] == len(data)
+    assert stats["pack_bytes"] < len(data) / 100, "the weights were copied into packs"
+    assert stats["stored_bytes"] <= 1.05 * len(data) + (1 << 20)
+    obj = next((stepped.store / "objects").iterdir())
+    assert (obj.stat().st_ino, obj.stat().st_dev) == (staged.st_ino, staged.st_dev), \
+        "the object is not the staging file itself"
+    assert (stepped.path / "model.safetensors").read_bytes() == data
+
+    # a second download of the same bytes adds no object and no pack bytes
+    (stepped.path / "again.safetensors").write_bytes(data)
+    assert stored(stepped, "files", 2)["object_bytes"] == len(data)
+
+
 def test_writes_into_the_stored_front(stepped: Mounted) -> None:
-    data = bytearray(os.urandom(5 << 20))
+    data = bytearray(text_bytes(5 << 20))
     path = stepped.path / "f.bin"
     with open(path, "wb") as f:
         f.write(data)
@@ -85,7 +119,7 @@ def test_writes_into_the_stored_front(stepped: Mounted) -> None:
         data += b"tail"
     assert path.read_bytes() == bytes(data)
     with open(path, "r+b") as f:
-        f.write(os.urandom(3 << 20))
+        f.write(text_bytes(3 << 20, 1))
         f.truncate(1000)
     assert path.stat().st_size == 1000
 
@@ -101,7 +135,7 @@ def test_crash_while_writing_recovers_front_and_tail(tmp_path: Path,
     store = tmp_path / "store"
     Store.init(store)
     mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", str(STEP_MIB))
-    data = os.urandom(6 << 20)
+    data = text_bytes(6 << 20)
     path = mounted.path / "partial.bin"
     f = open(path, "wb")  # noqa: SIM115  (left open on purpose: the daemon dies first)
     try:
