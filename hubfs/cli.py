@@ -217,7 +217,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     tune_malloc_for_daemon()  # before mount() forks the daemon: it inherits the settings
     mount(args.store, args.mountpoint, foreground=args.foreground,
           allow_other=args.allow_other, options=args.o, policy=policy,
-          ingest_step_bytes=args.ingest_step_mib << 20)
+          ingest_step_bytes=args.ingest_step_mib << 20, checked_reads=args.checked_reads)
     return 0
 
 
@@ -498,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "everything whatever their umask")
     p.add_argument("--shared-others", choices=["none", "read"], default="none",
                    help="what non-members get in shared/ (default: none)")
+    p.add_argument("--checked-reads", action="store_true",
+                   help="the daemon serves and checks every read (FUSE passthrough, which "
+                   "lets the kernel serve large files from the store at disk speed, bypasses "
+                   "hubfs's checksums)")
     p.add_argument("--ingest-step-mib", type=int, default=64,
                    help="store a file being written every this many MiB, so a download never "
                    "needs two full copies on disk (default 64)")

@@ -65,7 +65,7 @@ def register(txn: Txn, prepared: PreparedContent) -> None:
     """
     if prepared.object_id:
         if txn.object_of(prepared.content_id) is not None:
-            return  # a concurrent commit made one first; this object file is gc's to remove
+            raise ValueError("content already has an object: commit it without one")
         txn.put_object(prepared.content_id, prepared.object_id)
     known = txn.content(prepared.content_id) is not None
     if known and not prepared.object_id:

@@ -19,9 +19,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import namespace
+from . import namespace, passthrough
 from .errors import FsError, IntegrityError, StoreFullError
-from .vfs import Attributes, FileSystem
+from .vfs import Attributes, FileSystem, OpenReply
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,24 @@ def entry(attrs: Attributes) -> pyfuse3.EntryAttributes:
     return out
 
 
+def file_info(reply: OpenReply, flags: int) -> pyfuse3.FileInfo:
+    return passthrough.file_info(reply.fh, reply.backing_id, reply.keep_cache,
+                                 reply.direct_io or bool(flags & os.O_DIRECT))
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    enable_writeback_cache = False  # the kernel refuses passthrough with it
 
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
+        self.enable_passthrough = fs.backing.refused is None  # read by the patched pyfuse3
+
+    def init(self) -> None:
+        on, why = self.fs.backing.status()  # the kernel has answered by now
+        log.info("reads: %s (%s)", "kernel-served for files with an object" if on
+                 else "served by the daemon", why)
         self._reported: set[int] = set()
 
     def report_damage(self, op: str, args: tuple[Any, ...], exc: IntegrityError) -> None:
@@ -210,13 +221,12 @@ class Operations(pyfuse3.Operations):
     @request
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attrs = await self.fs.create(parent, name, mode, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT)), entry(attrs)
+        reply, attrs = await self.fs.create(parent, name, mode, ctx.uid, ctx.gid)
+        return file_info(reply, flags), entry(attrs)
 
     @request
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        fh, keep = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=bool(flags & os.O_DIRECT))
+        return file_info(await self.fs.open(inode, flags), flags)
 
     @request
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import gc, passthrough, repair
+from . import gc, repair
 from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
@@ -106,12 +106,13 @@ def fuse_options(store: Path, allow_other: bool, extra: list[str]) -> set[str]:
 
 def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_other: bool = False,
           options: list[str] | None = None, policy: Policy | None = None,
-          ingest_step_bytes: int = INGEST_STEP_BYTES) -> None:
+          ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False) -> None:
     check_mountpoint(store, mountpoint)
     opts = fuse_options(store, allow_other, options or [])
     policy = policy or Policy()
     if foreground:
-        serve(store, mountpoint, opts, policy, ingest_step_bytes, ready=lambda msg: None)
+        serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads,
+              ready=lambda msg: None)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -126,7 +127,7 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_othe
                 os.write(write_end, message.encode())
                 os.close(write_end)
 
-            serve(store, mountpoint, opts, policy, ingest_step_bytes, ready)
+            serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads, ready)
         except BaseException:
             log.exception("hubfs daemon failed")
             code = 1
@@ -159,7 +160,7 @@ def _detach(store: Path) -> None:
 
 
 def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
-          ingest_step_bytes: int, ready: Callable[[str], None]) -> None:
+          ingest_step_bytes: int, checked_reads: bool, ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
     # Worker threads chunk and hash in Python: with the default 5 ms GIL switch interval every
     # request on the trio thread could wait that long behind them.
@@ -172,7 +173,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         ready(exc.message)
         return
     try:
-        fs = FileSystem(store, policy, ingest_step_bytes)
+        fs = FileSystem(store, policy, ingest_step_bytes, checked_reads)
         trio.run(fs.recover)
         ops = Operations(fs)
         try:
@@ -225,8 +226,6 @@ def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict
         "pid": os.getpid(),
         "uptime_s": round(time.time() - started, 1),
         "store": str(fs.store.path),
-        "read_mode": "daemon",
-        "read_mode_why": _read_mode_why(),
         **fs.status(),
         "decoded_cache_bytes": fs.store.reader.cached_bytes(),
         "index_bytes": fs.store.index.disk_bytes(),
@@ -237,14 +236,6 @@ def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict
         "free_bytes": disk.f_bavail * disk.f_frsize,
         "disk_bytes": disk.f_blocks * disk.f_frsize,
     }
-
-
-def _read_mode_why() -> str:
-    """Why the daemon serves reads itself (the kernel could, through FUSE passthrough)."""
-    built = ("this pyfuse3 has the passthrough patch" if passthrough.available()
-             else passthrough.NOT_BUILT_REASON)
-    return ("the store keeps file bytes in packs, and passthrough needs one backing file per "
-            f"content, which this store layout does not have yet; {built}")
 
 
 async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]

@@ -7,10 +7,20 @@ trio thread owns all of it; there is no lock.
 
 from __future__ import annotations
 
+import enum
 import errno
 from dataclasses import dataclass
 
 from .errors import FsError
+
+
+class Served(enum.Enum):
+    """How the kernel serves an open file's bytes."""
+
+    KERNEL = "kernel"  # FUSE passthrough from the content's object: no daemon, shared pages
+    CACHED = "cached"  # the daemon fills the FUSE inode's page cache
+    DIRECT = "direct"  # the daemon serves every read, nothing cached (FOPEN_DIRECT_IO): what
+    # an open gets while other opens of the inode are kernel-served from another file
 
 
 @dataclass
@@ -18,6 +28,7 @@ class Tracked:
     lookups: int = 0
     handles: int = 0
     writers: int = 0
+    cached: int = 0  # handles of ``Served.CACHED``: the kernel then refuses passthrough opens
     # The stored content reads are served from (when no staging overlays it): kept here, so a
     # read needs no index lookup, and switched by a commit in the same step as the index.
     content_id: bytes = b""
@@ -29,6 +40,7 @@ class Tracked:
 class Handle:
     ino: int
     writable: bool
+    served: Served = Served.CACHED
 
 
 class OpenFiles:
@@ -52,14 +64,16 @@ class OpenFiles:
             tracked.lookups = max(0, tracked.lookups - count)
             self._drop_if_idle(ino, tracked)
 
-    def open(self, ino: int, writable: bool, content_id: bytes) -> int:
+    def open(self, ino: int, writable: bool, content_id: bytes,
+             served: Served = Served.CACHED) -> int:
         tracked = self._track(ino)
         tracked.handles += 1
         tracked.writers += writable
+        tracked.cached += served is Served.CACHED
         tracked.content_id = content_id  # read from the index on this thread: current
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(ino, writable)
+        self._handles[fh] = Handle(ino, writable, served)
         return fh
 
     def handle(self, fh: int) -> Handle:
@@ -74,6 +88,7 @@ class OpenFiles:
             tracked = self._tracked[handle.ino]
             tracked.handles -= 1
             tracked.writers -= handle.writable
+            tracked.cached -= handle.served is Served.CACHED
             self._drop_if_idle(handle.ino, tracked)
         return handle
 
@@ -83,6 +98,11 @@ class OpenFiles:
 
     def busy(self, ino: int) -> bool:
         return ino in self._tracked
+
+    def cached(self, ino: int) -> int:
+        """Open handles of the inode whose pages the kernel caches (``Served.CACHED``)."""
+        tracked = self._tracked.get(ino)
+        return tracked.cached if tracked else 0
 
     def writers(self, ino: int) -> int:
         tracked = self._tracked.get(ino)

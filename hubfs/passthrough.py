@@ -68,14 +68,15 @@ def unregister(backing_id: int) -> None:
     _close(backing_id)
 
 
-def file_info(fh: int, backing_id: int | None) -> pyfuse3.FileInfo:
+def file_info(fh: int, backing_id: int | None, keep_cache: bool, direct_io: bool
+              ) -> pyfuse3.FileInfo:
     """The open reply for ``fh``: served by the kernel from ``backing_id``, else by the daemon.
 
     ``keep_cache`` is off for a passthrough reply (the kernel fails the open with EIO
-    otherwise); a daemon-served file keeps pyfuse3's default.
+    otherwise), and so is ``direct_io`` (the backing file's own flags decide).
     """
     if backing_id is None:
-        return pyfuse3.FileInfo(fh=fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
     info: Any = pyfuse3.FileInfo(fh=fh, keep_cache=False)
     info.backing_id = backing_id
     return info
@@ -84,6 +85,7 @@ def file_info(fh: int, backing_id: int | None) -> pyfuse3.FileInfo:
 @dataclass
 class _Backing:
     backing_id: int
+    source: object  # which file backs the inode (an object id): one per inode at a time
     opens: int
 
 
@@ -91,15 +93,17 @@ class BackingTable:
     """The backing id of each inode that has passthrough opens, counted by open.
 
     ``acquire`` at open, ``release`` at release: the first open of an inode registers its
-    backing file, later concurrent opens share that id, the last release unregisters it. Once
-    the kernel refuses a registration with EPERM or EOPNOTSUPP (a non-root mount, passthrough
-    not enabled), the table stops trying and ``acquire`` returns None: the daemon serves reads.
-    Used from the trio thread only; ``open_backing`` must be quick (it opens a local file).
+    backing file, later concurrent opens of the same file share that id, the last release
+    unregisters it. While an inode is backed by one file, an open that needs another (the
+    inode got new content) gets None: the caller serves it by the daemon, uncached, because
+    the kernel refuses page-cache opens of an inode with passthrough opens (ETXTBSY). Once
+    the kernel refuses a registration with EPERM or EOPNOTSUPP (a non-root mount,
+    passthrough not enabled), the table stops trying. Used from the trio thread only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refused: str | None = None) -> None:
         self._by_inode: dict[int, _Backing] = {}
-        self.refused: str | None = None if available() else NOT_BUILT_REASON
+        self.refused: str | None = refused or (None if available() else NOT_BUILT_REASON)
 
     def status(self) -> tuple[bool, str]:
         """(on, why) for the log and a status command."""
@@ -108,16 +112,25 @@ class BackingTable:
         if not enabled():
             return False, ("the kernel did not enable passthrough (needs Linux >= 6.9 with "
                            "CONFIG_FUSE_PASSTHROUGH, and no writeback cache)")
-        return True, "the kernel serves file contents from backing files"
+        return True, "the kernel serves files that have an object straight from it"
 
-    def acquire(self, inode: int, open_backing: Callable[[], int]) -> int | None:
-        """The backing id for a new open of ``inode``, or None for a daemon-served open.
+    def source(self, inode: int) -> object | None:
+        """The file backing ``inode``'s open files now, if any."""
+        held = self._by_inode.get(inode)
+        return None if held is None else held.source
 
-        ``open_backing`` returns a fresh read-write or read-only fd of the inode's backing
-        file; it is called only when the inode has no backing id yet, and closed here.
+    def acquire(self, inode: int, source: object, open_backing: Callable[[], int]
+                ) -> int | None:
+        """The backing id for a new open of ``inode`` from the file ``source``, or None for a
+        daemon-served open.
+
+        ``open_backing`` returns a fresh read-only fd of that file; it is called only when the
+        inode has no backing id yet, and closed here.
         """
         held = self._by_inode.get(inode)
         if held is not None:
+            if held.source != source:
+                return None
             held.opens += 1
             return held.backing_id
         if self.refused is not None or not enabled():
@@ -134,7 +147,7 @@ class BackingTable:
             return None
         finally:
             os.close(fd)
-        self._by_inode[inode] = _Backing(backing_id, 1)
+        self._by_inode[inode] = _Backing(backing_id, source, 1)
         return backing_id
 
     def release(self, inode: int) -> None:

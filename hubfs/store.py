@@ -231,11 +231,10 @@ class Store:
             self.objects.sync_directory()
         self.index.sync()
 
-    def object_path(self, content_id: bytes) -> Path | None:
-        """The object file holding a content's bytes, if it has one (hubfs.objects)."""
+    def object_of(self, content_id: bytes) -> int | None:
+        """The object holding a content's bytes, if it has one (hubfs.objects)."""
         with self.index.read() as txn:
-            object_id = txn.object_of(content_id)
-        return None if object_id is None else self.packs.path(object_id)
+            return txn.object_of(content_id)
 
     # -- reports
     def stats(self) -> dict[str, Any]:

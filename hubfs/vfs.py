@@ -2,7 +2,18 @@
 
 - ``names.Names``: names and attributes, with the multi-user rules;
 - ``openfiles.OpenFiles``: what the kernel holds (lookups, handles, cached pages);
-- ``writeback.WriteBack``: written bytes until they are stored content.
+- ``writeback.WriteBack``: written bytes until they are stored content;
+- ``passthrough.BackingTable``: the object file the kernel serves each inode's opens from.
+
+How an open is served (``_serve``). A read-only open of stored content that has an object
+(hubfs.objects) is served by the kernel from that object (FUSE passthrough): no READ request
+reaches the daemon, and every inode, user and mount over that content shares one page cache.
+Any other open (a writer, a file being written, content without an object) is served by the
+daemon, through the FUSE inode's page cache; but while some opens of the inode are
+kernel-served, the kernel refuses page-cache opens of it, so those go uncached (direct I/O).
+A kernel-served open keeps reading the object it opened even if a writer later commits new
+content to the inode (as a reader of a file that was replaced by rename does); new opens see
+the new content.
 
 This class only ties them together, so ``fs.py`` translates and decides nothing, and tests drive
 the whole model in-process, without a mount (tests/test_model.py).
@@ -57,7 +68,8 @@ import trio
 from .errors import FsError
 from .index import Inode
 from .names import Names
-from .openfiles import OpenFiles
+from .openfiles import OpenFiles, Served
+from .passthrough import BackingTable
 from .policy import Policy
 from .staging import INGEST_STEP_BYTES
 from .store import Store
@@ -70,6 +82,16 @@ SYNC_INTERVAL_S = 1.0
 # readdir offsets: "." and ".." come first, then each entry at its sequence number plus this
 DOT_ENTRIES = 2
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    """What the kernel is told about a new open file."""
+
+    fh: int
+    keep_cache: bool = False  # its cached pages hold this very content
+    backing_id: int | None = None  # served by the kernel from this backing file
+    direct_io: bool = False  # no page cache: the daemon serves every read
 
 
 @dataclass(frozen=True)
@@ -86,11 +108,17 @@ class Attributes:
 
 class FileSystem:
     def __init__(self, store: Store, policy: Policy | None = None,
-                 ingest_step_bytes: int = INGEST_STEP_BYTES) -> None:
+                 ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False
+                 ) -> None:
+        """``checked_reads``: never let the kernel serve bytes from objects (passthrough
+        bypasses the daemon's checksums); the daemon serves and checks every read."""
         self.store = store
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.names = Names(store, policy or Policy())
         self.open_files = OpenFiles()
+        self.backing = BackingTable(
+            "the mount was asked for checked reads (--checked-reads): the daemon serves and "
+            "checks every read" if checked_reads else None)
         self.writeback = WriteBack(store, ingest_step_bytes, self.limiter,
                                    self.open_files.writers, self._switched,
                                    self._remove_if_unused)
@@ -220,28 +248,50 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int
-                     ) -> tuple[int, Attributes]:
+                     ) -> tuple[OpenReply, Attributes]:
         ino, inode = self.names.create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid,
                                        gid)
         self.open_files.looked_up(ino)
         fh = self.open_files.open(ino, True, inode.content_id)
         self.writeback.for_write(ino, inode, keep=False)
-        return fh, self._attributes(ino, inode)
+        return OpenReply(fh), self._attributes(ino, inode)
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Returns (handle, keep_cache): the kernel may keep its cached pages when the content
-        is the one it cached before."""
+    async def open(self, ino: int, flags: int) -> OpenReply:
         inode = self.names.inode(ino)
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if not writable:
             inode = self.names.accessed(ino, inode)
-        fh = self.open_files.open(ino, writable, inode.content_id)
         if flags & os.O_TRUNC and writable:
             self.writeback.truncate(ino, inode, 0)
         staged = self.writeback.staged(ino) is not None
-        return fh, self.open_files.keep_cache(ino, inode.content_id, staged)
+        served, backing_id = self._serve(ino, inode.content_id, writable or staged)
+        fh = self.open_files.open(ino, writable, inode.content_id, served)
+        if served is Served.CACHED:
+            return OpenReply(fh, keep_cache=self.open_files.keep_cache(ino, inode.content_id,
+                                                                       staged))
+        return OpenReply(fh, backing_id=backing_id, direct_io=served is Served.DIRECT)
+
+    def _serve(self, ino: int, content_id: bytes, daemon_only: bool
+               ) -> tuple[Served, int | None]:
+        """How a new open of ``ino`` is served (see the module docstring)."""
+        if not daemon_only and not self.open_files.cached(ino):
+            object_id = self.store.object_of(content_id)
+            if object_id is not None:
+                path = self.store.packs.path(object_id)
+                try:
+                    backing_id = self.backing.acquire(
+                        ino, object_id, lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as exc:  # the object is gone or unreadable: chunks may serve
+                    log.error("cannot serve inode %d from %s (%s): the daemon serves it; run "
+                              "`hubfs verify STORE`", ino, path, exc.strerror)
+                    backing_id = None
+                if backing_id is not None:
+                    return Served.KERNEL, backing_id
+        if self.backing.source(ino) is not None:
+            return Served.DIRECT, None
+        return Served.CACHED, None
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         ino = self.open_files.handle(fh).ino
@@ -280,6 +330,8 @@ class FileSystem:
         handle = self.open_files.close(fh)
         if handle is None:
             return
+        if handle.served is Served.KERNEL:
+            self.backing.release(handle.ino)
         if handle.writable and not self.open_files.writers(handle.ino):
             await self.writeback.closed(handle.ino)
         self._remove_if_unused(handle.ino)
@@ -311,5 +363,9 @@ class FileSystem:
             yield
         await self.sync_index()
 
-    def status(self) -> dict[str, int]:
-        return {"open_files": self.open_files.open_count(), **self.writeback.counts()}
+    def status(self) -> dict[str, Any]:
+        on, why = self.backing.status()
+        return {"open_files": self.open_files.open_count(),
+                "kernel_served_files": self.backing.held(),
+                "read_mode": "kernel (passthrough) for files with an object" if on else "daemon",
+                "read_mode_why": why, **self.writeback.counts()}

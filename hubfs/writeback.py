@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -375,13 +375,16 @@ class WriteBack:
             if staging.generation != snap.generation:
                 self.ingestor.committed(prepared)
                 return False
-            if prepared.object_id:  # no await from here to the commit: no write between
-                assert objects is not None
-                objects.link(staging.path, prepared.object_id)
             with self.store.metadata_write() as txn:
+                if prepared.object_id and txn.object_of(prepared.content_id) is not None:
+                    # a twin (the same bytes written by another file) got its object first
+                    prepared = replace(prepared, object_id=0, new_chunks={})
                 inode = txn.inode(ino)
                 alive = inode is not None and inode.nlink > 0
                 if alive:
+                    if prepared.object_id:  # no await from here to the commit: no write between
+                        assert objects is not None
+                        objects.link(staging.path, prepared.object_id)
                     contents.register(txn, prepared)
                     inode = namespace.set_content(txn, ino, prepared.content_id,
                                                   prepared.table.size)

@@ -106,11 +106,12 @@ class TwoNames(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if inode not in NAMES.values():
             raise pyfuse3.FUSEError(errno.ENOENT)
-        backing_id = self.table.acquire(inode, lambda: os.open(self.backing, os.O_RDONLY))
+        backing_id = self.table.acquire(inode, self.backing,
+                                        lambda: os.open(self.backing, os.O_RDONLY))
         self.fh_inode[fh] = (inode, backing_id is not None)
         if backing_id is not None:
             self.passthrough_opens += 1
-        return passthrough.file_info(fh, backing_id)
+        return passthrough.file_info(fh, backing_id, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         inode, _ = self.fh_inode[fh]

@@ -68,7 +68,8 @@ def run(store: Store, scenario: Callable[[FileSystem], Awaitable[None]],
 
 async def write_file(fs: FileSystem, name: bytes, data: bytes, piece: int = 128 * 1024,
                      close: bool = True) -> tuple[int, int]:
-    fh, attrs = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+    reply, attrs = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+    fh = reply.fh
     for offset in range(0, len(data), piece):
         await fs.write(fh, offset, data[offset : offset + piece])
     if close:
@@ -78,7 +79,7 @@ async def write_file(fs: FileSystem, name: bytes, data: bytes, piece: int = 128 
 
 async def read_all(fs: FileSystem, name: bytes) -> bytes:
     attrs = await fs.lookup(ROOT_INO, name, 0)
-    fh, _keep = await fs.open(attrs.ino, os.O_RDONLY)
+    fh = (await fs.open(attrs.ino, os.O_RDONLY)).fh
     try:
         data = await fs.read(fh, 0, attrs.size + 1)
         assert len(data) == attrs.size, f"read {len(data)} bytes of {attrs.size}"
@@ -111,7 +112,7 @@ def test_reader_right_after_close_and_rename_sees_every_byte(store: Store) -> No
         assert (await fs.lookup(ROOT_INO, b"model", 0)).size == len(data)
         assert await read_all(fs, b"model") == data  # served from staging
         attrs = await fs.lookup(ROOT_INO, b"model", 0)
-        fh, _ = await fs.open(attrs.ino, os.O_RDONLY)  # open before the switch, read after
+        fh = (await fs.open(attrs.ino, os.O_RDONLY)).fh  # open before the switch, read after
         pause.go()
         await fs.writeback.settle()
         assert fs.writeback.staged(attrs.ino) is None
@@ -128,7 +129,7 @@ def test_reopen_and_write_during_commit_is_stored_too(store: Store) -> None:
 
     async def scenario(fs: FileSystem) -> None:
         pause, ino = await committing(fs, b"f", first)
-        fh, _ = await fs.open(ino, os.O_WRONLY)
+        fh = (await fs.open(ino, os.O_WRONLY)).fh
         await fs.write(fh, len(first), more)  # lands while the commit prepares
         pause.go()
         await fs.writeback.settle()
@@ -147,7 +148,7 @@ def test_truncate_and_fsync_during_commit(store: Store) -> None:
 
     async def scenario(fs: FileSystem) -> None:
         pause, ino = await committing(fs, b"f", data)
-        fh, _ = await fs.open(ino, os.O_WRONLY)
+        fh = (await fs.open(ino, os.O_WRONLY)).fh
         await fs.fsync(fh)
         await fs.setattr(ino, size=MIB // 2)
         await fs.fsync(fh)
@@ -201,7 +202,7 @@ def test_write_truncate_fsync_during_front_ingest(store: Store) -> None:
         # this write makes the front due: it is stored in the background, the write returns
         await fs.write(fh, STEP - 1, data[STEP - 1 : STEP + STEP // 2])
         await pause.wait_reached()
-        other, _ = await fs.open(ino, os.O_RDWR)
+        other = (await fs.open(ino, os.O_RDWR)).fh
         await fs.write(other, 10, b"rewritten")  # inside the front being stored
         await fs.fsync(other)
         assert await fs.read(other, 0, 2 * STEP) == (
@@ -247,7 +248,7 @@ def test_small_write_into_big_file_rechunks_only_around_it(store: Store) -> None
             return result
 
         fs.writeback.ingestor.prepare_stream = recording  # type: ignore[method-assign]
-        fh, _ = await fs.open(ino, os.O_WRONLY)
+        fh = (await fs.open(ino, os.O_WRONLY)).fh
         await fs.write(fh, 20 * MIB + 7, b"x" * 4096)
         await fs.release(fh)
         await fs.writeback.settle()
@@ -270,7 +271,7 @@ def test_in_place_updates_at_random_keep_every_byte(store: Store) -> None:
     async def scenario(fs: FileSystem) -> None:
         _, ino = await write_file(fs, b"f", bytes(data))
         for _round in range(12):
-            fh, _ = await fs.open(ino, os.O_RDWR)
+            fh = (await fs.open(ino, os.O_RDWR)).fh
             for _ in range(rng.randrange(1, 6)):
                 offset = rng.randrange(0, len(data) + MIB)
                 piece = rng.randbytes(rng.randrange(1, 300_000))
@@ -304,7 +305,7 @@ def test_crash_with_staged_overlay_and_front_recovers_every_byte(store_path: Pat
         _, ino = await write_file(fs, b"over", base)
         await fs.writeback.settle()
         fs.writeback.ingestor.prepare_stream = crashed  # type: ignore[method-assign]
-        fh, _ = await fs.open(ino, os.O_RDWR)
+        fh = (await fs.open(ino, os.O_RDWR)).fh
         await fs.write(fh, STEP + 3, b"patched")
         await fs.write(fh, 6 * STEP, b"tail")
         await fs.release(fh)  # closed: it must survive the crash
