@@ -93,7 +93,7 @@ def entry(attrs: Attributes) -> pyfuse3.EntryAttributes:
 
 def file_info(reply: OpenReply, flags: int) -> pyfuse3.FileInfo:
     return passthrough.file_info(reply.fh, reply.backing_id, reply.keep_cache,
-                                 reply.direct_io or bool(flags & os.O_DIRECT))
+                                 bool(flags & os.O_DIRECT))
 
 
 class Operations(pyfuse3.Operations):

@@ -19,8 +19,6 @@ class Served(enum.Enum):
 
     KERNEL = "kernel"  # FUSE passthrough from the content's object: no daemon, shared pages
     CACHED = "cached"  # the daemon fills the FUSE inode's page cache
-    DIRECT = "direct"  # the daemon serves every read, nothing cached (FOPEN_DIRECT_IO): what
-    # an open gets while other opens of the inode are kernel-served from another file
 
 
 @dataclass

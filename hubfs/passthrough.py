@@ -94,9 +94,9 @@ class BackingTable:
 
     ``acquire`` at open, ``release`` at release: the first open of an inode registers its
     backing file, later concurrent opens of the same file share that id, the last release
-    unregisters it. While an inode is backed by one file, an open that needs another (the
-    inode got new content) gets None: the caller serves it by the daemon, uncached, because
-    the kernel refuses page-cache opens of an inode with passthrough opens (ETXTBSY). Once
+    unregisters it. While an inode is backed by one file, the kernel fails (EIO) any open of
+    it that is not served from that same file: ``source`` tells the caller to refuse such
+    opens itself. Once
     the kernel refuses a registration with EPERM or EOPNOTSUPP (a non-root mount,
     passthrough not enabled), the table stops trying. Used from the trio thread only.
     """

@@ -9,11 +9,12 @@ How an open is served (``_serve``). A read-only open of stored content that has 
 (hubfs.objects) is served by the kernel from that object (FUSE passthrough): no READ request
 reaches the daemon, and every inode, user and mount over that content shares one page cache.
 Any other open (a writer, a file being written, content without an object) is served by the
-daemon, through the FUSE inode's page cache; but while some opens of the inode are
-kernel-served, the kernel refuses page-cache opens of it, so those go uncached (direct I/O).
-A kernel-served open keeps reading the object it opened even if a writer later commits new
-content to the inode (as a reader of a file that was replaced by rename does); new opens see
-the new content.
+daemon, through the FUSE inode's page cache. The kernel requires every open of an inode that
+has passthrough opens to be one too, from the same file (else the open fails with EIO). So
+while an inode is kernel-served, opening it for writing or truncating it fails with ETXTBSY
+("text file busy"), as writing a running program does; ML libraries never hit this, since
+they replace files by rename. A read-only open while the inode is open for writing is served
+by the daemon.
 
 This class only ties them together, so ``fs.py`` translates and decides nothing, and tests drive
 the whole model in-process, without a mount (tests/test_model.py).
@@ -91,7 +92,6 @@ class OpenReply:
     fh: int
     keep_cache: bool = False  # its cached pages hold this very content
     backing_id: int | None = None  # served by the kernel from this backing file
-    direct_io: bool = False  # no page cache: the daemon serves every read
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,7 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         if not stat.S_ISREG(inode.mode):
             raise FsError(errno.EINVAL)
+        self._check_not_kernel_served(ino)
         self.writeback.truncate(ino, inode, size)
         if not self.open_files.writers(ino):  # truncate(2) by path: no close will commit it
             await self.writeback.commit(ino)
@@ -261,37 +262,45 @@ class FileSystem:
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if not writable:
+        if writable:
+            self._check_not_kernel_served(ino)
+        else:
             inode = self.names.accessed(ino, inode)
         if flags & os.O_TRUNC and writable:
             self.writeback.truncate(ino, inode, 0)
         staged = self.writeback.staged(ino) is not None
-        served, backing_id = self._serve(ino, inode.content_id, writable or staged)
+        if staged:
+            self._check_not_kernel_served(ino)
+        backing_id = None if writable or staged else self._kernel_served(ino, inode.content_id)
+        served = Served.CACHED if backing_id is None else Served.KERNEL
         fh = self.open_files.open(ino, writable, inode.content_id, served)
-        if served is Served.CACHED:
+        if backing_id is None:
             return OpenReply(fh, keep_cache=self.open_files.keep_cache(ino, inode.content_id,
                                                                        staged))
-        return OpenReply(fh, backing_id=backing_id, direct_io=served is Served.DIRECT)
+        return OpenReply(fh, backing_id=backing_id)
 
-    def _serve(self, ino: int, content_id: bytes, daemon_only: bool
-               ) -> tuple[Served, int | None]:
-        """How a new open of ``ino`` is served (see the module docstring)."""
-        if not daemon_only and not self.open_files.cached(ino):
-            object_id = self.store.object_of(content_id)
-            if object_id is not None:
-                path = self.store.packs.path(object_id)
-                try:
-                    backing_id = self.backing.acquire(
-                        ino, object_id, lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-                except OSError as exc:  # the object is gone or unreadable: chunks may serve
-                    log.error("cannot serve inode %d from %s (%s): the daemon serves it; run "
-                              "`hubfs verify STORE`", ino, path, exc.strerror)
-                    backing_id = None
-                if backing_id is not None:
-                    return Served.KERNEL, backing_id
+    def _kernel_served(self, ino: int, content_id: bytes) -> int | None:
+        """The backing id a read-only open of stored content is served from, if the content
+        has an object and the kernel serves it (see the module docstring)."""
+        if self.open_files.cached(ino):
+            return None  # the kernel would refuse it beside page-cache opens
+        object_id = self.store.object_of(content_id)
+        if object_id != self.backing.source(ino):
+            self._check_not_kernel_served(ino)  # opens of another object's: not this file
+        if object_id is None:
+            return None
+        path = self.store.packs.path(object_id)
+        try:
+            return self.backing.acquire(
+                ino, object_id, lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:  # the object is gone or unreadable: its chunks may serve
+            log.error("cannot serve inode %d from %s (%s): the daemon serves it; run "
+                      "`hubfs verify STORE`", ino, path, exc.strerror)
+            return None
+
+    def _check_not_kernel_served(self, ino: int) -> None:
         if self.backing.source(ino) is not None:
-            return Served.DIRECT, None
-        return Served.CACHED, None
+            raise FsError(errno.ETXTBSY)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         ino = self.open_files.handle(fh).ino

@@ -1,0 +1,221 @@
+"""Objects and kernel-served reads through a real hubfs mount (issue 10).
+
+A large file whose bytes the store keeps raw becomes one object file; every name with those
+bytes is then served by the kernel from it (FUSE passthrough). Page-cache facts come, as in
+test_passthrough, from mincore(2) on the object file and from this process's own storage reads
+(/proc/self/io): a kernel-served read is a storage read of the object by the reader itself,
+while a daemon-served read is the daemon's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from hubfs import passthrough
+from hubfs.errors import StoreFormatError
+from hubfs.index import ROOT_INO
+from hubfs.store import MARKER, Store
+from hubfs.verify import verify
+from hubfs.vfs import FileSystem
+from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
+from tests.engine_helpers import text_bytes
+from tests.test_passthrough import evict, read_costs, resident_fraction
+
+FILE_BYTES = 32 << 20
+COMMIT_WAIT_S = 60.0
+
+
+def objects(mounted: Mounted) -> list[Path]:
+    return sorted((mounted.store / "objects").iterdir())
+
+
+def status(mounted: Mounted) -> dict:
+    return json.loads(run_hubfs("status", str(mounted.path), "--json").stdout)
+
+
+def settled(mounted: Mounted) -> dict:
+    """The daemon's status once every closed file is stored."""
+    deadline = time.monotonic() + COMMIT_WAIT_S
+    while (state := status(mounted))["staged_files"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not state["staged_files"], state
+    return state
+
+
+def write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+kernel = pytest.mark.skipif(not passthrough.available() or os.geteuid() != 0,
+                            reason="passthrough needs the patched pyfuse3 and a root mount")
+
+
+@pytest.mark.mount
+@kernel
+def test_one_object_one_page_cache_for_every_name(mounted: Mounted) -> None:
+    data = os.urandom(FILE_BYTES)
+    write(mounted.path / "a.bin", data)
+    write(mounted.path / "b.bin", data)
+    settled(mounted)
+    (obj,) = objects(mounted)
+    assert obj.stat().st_size == FILE_BYTES
+    stats = mounted.stats()
+    assert stats["stored_bytes"] <= 1.05 * FILE_BYTES, stats
+    assert status(mounted)["read_mode"].startswith("kernel"), status(mounted)
+
+    evict(obj)
+    # The reader itself reads the object from storage: the kernel serves it, not the daemon.
+    assert read_costs(mounted.path / "a.bin") >= 0.9 * FILE_BYTES
+    assert resident_fraction(obj) > 0.99
+    assert read_costs(mounted.path / "b.bin") < 0.01 * FILE_BYTES  # the same pages
+    with open(mounted.path / "a.bin", "rb") as f, open(mounted.path / "b.bin", "rb") as g, \
+            mmap.mmap(g.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert f.read() == data
+        assert mm[:] == data
+        assert status(mounted)["kernel_served_files"] == 2
+
+
+@pytest.mark.mount
+@kernel
+def test_rewriting_a_kernel_served_file(mounted: Mounted) -> None:
+    """The kernel wants every open of a kernel-served inode served from the same file: while
+    readers have it open, writing fails with ETXTBSY (as for a running program), never with
+    EIO; a reader that opens beside a writer is served by the daemon and sees the writes."""
+    data = os.urandom(FILE_BYTES)
+    path = mounted.path / "model.bin"
+    write(path, data)
+    settled(mounted)
+    with open(path, "rb") as reader:
+        assert reader.read(4) == data[:4]
+        with pytest.raises(OSError) as failed, open(path, "r+b"):
+            pass
+        assert failed.value.errno == errno.ETXTBSY
+        with pytest.raises(OSError) as failed:
+            os.truncate(path, 10)
+        assert failed.value.errno == errno.ETXTBSY
+        assert reader.read() == data[4:]
+    with open(path, "r+b") as writer:  # readers gone: a writer, then a reader beside it
+        writer.write(b"XXXX")
+        writer.flush()
+        with open(path, "rb") as reader:
+            assert reader.read(8) == b"XXXX" + data[4:8]
+    settled(mounted)
+    with open(path, "rb") as reader:  # updated in place: chunk references, daemon-served
+        assert reader.read() == b"XXXX" + data[4:]
+        assert status(mounted)["kernel_served_files"] == 0
+    assert len(objects(mounted)) == 1
+
+
+@pytest.mark.mount
+@kernel
+def test_near_identical_file_shares_chunks_not_an_object(mounted: Mounted) -> None:
+    """A fine-tune that changed one tensor: chunk references into the first object."""
+    data = bytearray(os.urandom(FILE_BYTES))
+    write(mounted.path / "base.bin", bytes(data))
+    settled(mounted)
+    data[FILE_BYTES // 2 : FILE_BYTES // 2 + (1 << 20)] = os.urandom(1 << 20)
+    write(mounted.path / "tuned.bin", bytes(data))
+    settled(mounted)
+    assert len(objects(mounted)) == 1
+    stats = mounted.stats()
+    assert stats["stored_bytes"] <= 1.2 * FILE_BYTES, stats
+    assert (mounted.path / "tuned.bin").read_bytes() == bytes(data)
+
+
+@pytest.mark.mount
+@kernel
+def test_gc_removes_an_object_once_no_file_or_open_holds_it(mounted: Mounted) -> None:
+    data = os.urandom(FILE_BYTES)
+    write(mounted.path / "gone.bin", data)
+    settled(mounted)
+    with open(mounted.path / "gone.bin", "rb") as reader:
+        (mounted.path / "gone.bin").unlink()
+        run_hubfs("gc", str(mounted.store))
+        assert len(objects(mounted)) == 1  # the open file still holds its content
+        assert reader.read() == data
+    deadline = time.monotonic() + 10  # the release reaches the daemon after close()
+    while objects(mounted) and time.monotonic() < deadline:
+        run_hubfs("gc", str(mounted.store))
+    assert objects(mounted) == []
+    assert mounted.stats()["stored_bytes"] < FILE_BYTES / 10
+
+
+@pytest.mark.mount
+def test_checked_reads_keep_every_read_in_the_daemon(tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    store = tmp_path / "store"
+    Store.init(store)
+    mounted = mount_store(store, tmp_path / "mnt", "--checked-reads")
+    try:
+        data = os.urandom(FILE_BYTES)
+        write(mounted.path / "a.bin", data)
+        state = settled(mounted)
+        assert state["read_mode"] == "daemon" and "--checked-reads" in state["read_mode_why"]
+        (obj,) = objects(mounted)
+        evict(obj)
+        assert read_costs(mounted.path / "a.bin") < 0.01 * FILE_BYTES  # the daemon read it
+        assert (mounted.path / "a.bin").read_bytes() == data
+    finally:
+        unmount_and_check(mounted, request)
+
+
+def _commit(store: Store, name: bytes, data: bytes) -> None:
+    """Write and close a file through the in-process model, and let it be stored."""
+    async def main() -> None:
+        fs = FileSystem(store)
+        async with fs.running():
+            reply, _attrs = await fs.create(ROOT_INO, name, 0o644, 0, 0)
+            await fs.write(reply.fh, 0, data)
+            await fs.release(reply.fh)
+    trio.run(main)
+
+
+@pytest.mark.damaged_store
+def test_verify_finds_a_flipped_byte_in_an_object(store: Store) -> None:
+    _commit(store, b"w.bin", os.urandom(4 << 20))
+    (obj,) = (store.path / "objects").iterdir()
+    os.chmod(obj, 0o600)
+    with open(obj, "r+b") as f:
+        f.seek(3 << 20)
+        byte = f.read(1)
+        f.seek(3 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    report = verify(store, progress=False)
+    assert report.damaged_files == ["/w.bin"], report
+    assert any("holds other bytes" in p for p in report.problems), report.problems
+
+
+def test_a_format_1_store_is_upgraded_in_place(store_path: Path) -> None:
+    """A store made before objects: read-only commands say how to upgrade it, the first
+    writable open does, and its files read back."""
+    data = text_bytes(2 << 20)  # compressible: in packs, as every byte was before objects
+    with Store(store_path) as store:
+        _commit(store, b"old.bin", data)
+        with store.index.write() as txn:  # the previous format: no objects, and says so
+            settings = json.loads(txn.meta_get("settings") or b"{}")
+            settings["format"] = 1
+            txn.meta_put("settings", json.dumps(settings).encode())
+            txn.raw.drop(store.index.dbs["objects"], delete=True)
+    shutil.rmtree(store_path / "objects")
+    (store_path / MARKER).write_text('{"format": 1}\n')
+    with pytest.raises(StoreFormatError, match="upgrade it in place"):
+        Store(store_path, readonly=True)
+    with Store(store_path) as store:
+        assert store.settings["format"] == 2
+    with Store(store_path, readonly=True) as store:
+        with store.read() as txn:
+            ino = txn.dirent(ROOT_INO, b"old.bin")[0]
+            content = txn.inode(ino).content_id
+        assert b"".join(store.reader.pieces(content)) == data
+        assert verify(store, progress=False).ok
+    assert json.loads((store_path / MARKER).read_text())["format"] == 2
