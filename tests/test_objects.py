@@ -195,6 +195,7 @@ def test_verify_finds_a_flipped_byte_in_an_object(store: Store) -> None:
     assert any("holds other bytes" in p for p in report.problems), report.problems
 
 
+@pytest.mark.allow_warnings  # the upgrade is logged as a warning, once
 def test_a_format_1_store_is_upgraded_in_place(store_path: Path) -> None:
     """A store made before objects: read-only commands say how to upgrade it, the first
     writable open does, and its files read back."""
