@@ -14,7 +14,7 @@ bytes revives it for free) until ``gc`` reclaims it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import blake3
 
@@ -55,21 +55,23 @@ def empty_content(txn: Txn) -> tuple[bytes, int]:
     return EMPTY.content_id, 0
 
 
-def register(txn: Txn, prepared: PreparedContent) -> None:
-    """Make prepared content known to the index; its packs must already be synced.
+def register(txn: Txn, prepared: PreparedContent) -> bool:
+    """Make prepared content known to the index; its packs must already be synced. Returns
+    whether the prepared object is now the content's: the caller puts the file in place
+    before the transaction commits (else the object is not needed, and not named).
 
     The new content starts with no reference: ``add_ref`` (through the namespace) gives it one.
     With an object (hubfs.objects), chunks whose copy is in a pack move into the object, so
     the store keeps one copy (gc reclaims the pack's); a content stored before without an
-    object gets it now.
+    object gets it now. A twin (the same bytes stored meanwhile with an object) wins.
     """
+    if prepared.object_id and txn.object_of(prepared.content_id) is not None:
+        prepared = replace(prepared, object_id=0, new_chunks={})
     if prepared.object_id:
-        if txn.object_of(prepared.content_id) is not None:
-            raise ValueError("content already has an object: commit it without one")
         txn.put_object(prepared.content_id, prepared.object_id)
     known = txn.content(prepared.content_id) is not None
     if known and not prepared.object_id:
-        return
+        return False
     for chunk_id in dict.fromkeys(prepared.table.chunk_ids) if known else prepared.table.chunk_ids:
         entry = txn.chunk(chunk_id)
         loc = prepared.new_chunks.get(chunk_id)
@@ -85,6 +87,7 @@ def register(txn: Txn, prepared: PreparedContent) -> None:
         txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount + (not known)))
     if not known:
         txn.put_content(prepared.content_id, prepared.table)
+    return bool(prepared.object_id)
 
 
 def register_chunks(txn: Txn, chunks: dict[bytes, ChunkLocation]) -> None:

@@ -19,6 +19,7 @@ from . import contents, namespace
 from .contents import PreparedContent
 from .errors import FsError, HubfsError, StoreFullError
 from .index import Inode, Txn
+from .objects import OBJECT_MIN_BYTES
 from .progress import Progress
 from .store import Store
 
@@ -78,6 +79,7 @@ class _Op:
     prepared: PreparedContent | None = None
     target: bytes = b""
     link_to: bytes | None = None
+    copy: Path | None = None  # the bytes ``prepared`` hashed, to become its object
 
 
 class _Batch:
@@ -172,56 +174,82 @@ def _prepare_op(store: Store, src: bytes, entry: _Entry, first_path: dict[tuple[
         bar.advance(entry.st.st_size)
         return None
     try:
-        prepared = store.ingestor.prepare_fd(fd, bar.advance)
+        if store.objects is None or entry.st.st_size < OBJECT_MIN_BYTES:
+            return _Op(entry, prepared=store.ingestor.prepare_fd(fd, bar.advance))
+        copy = store.objects.copy_in(fd)
     finally:
         os.close(fd)
-    return _Op(entry, prepared=prepared)
+    try:
+        with open(copy, "rb", buffering=0) as f:
+            prepared = store.ingestor.prepare_stream(
+                lambda o, n: os.pread(f.fileno(), n, o), os.fstat(f.fileno()).st_size,
+                new_object=store.objects.new_id)
+    except BaseException:
+        copy.unlink()
+        raise
+    bar.advance(entry.st.st_size)
+    if not prepared.object_id:
+        copy.unlink()
+        return _Op(entry, prepared=prepared)
+    return _Op(entry, prepared=prepared, copy=copy)
 
 
 def _commit(store: Store, batch: _Batch, inos: dict[bytes, int], report: ImportReport) -> None:
     """Name a batch's entries in one transaction, after their pack bytes are durable."""
     if not batch.ops:
         return
-    with store.write() as txn:
-        for op in batch.ops:
-            _apply(txn, op, inos, report)
+    try:
+        with store.write() as txn:
+            for op in batch.ops:
+                if _apply(txn, op, inos, report) and op.copy is not None:
+                    assert store.objects is not None and op.prepared is not None
+                    store.objects.adopt(op.copy, op.prepared.object_id)
+            if store.objects is not None:  # adopted names durable before the index commit
+                store.objects.sync_directory()
+    finally:
+        for op in batch.ops:  # copies no content took (a twin had an object already)
+            if op.copy is not None:
+                op.copy.unlink(missing_ok=True)
     assert store.ingestor is not None
     for prepared in batch.prepared:
         store.ingestor.committed(prepared)
         report.new_stored_bytes += prepared.new_stored_bytes
 
 
-def _apply(txn: Txn, op: _Op, inos: dict[bytes, int], report: ImportReport) -> None:
+def _apply(txn: Txn, op: _Op, inos: dict[bytes, int], report: ImportReport) -> bool:
+    """Name one entry; True when its prepared object is now its content's (see
+    ``contents.register``)."""
     entry, st = op.entry, op.entry.st
     parent_rel, _, name = entry.rel.rpartition(b"/")
     parent = inos.get(parent_rel)
     if parent is None:
-        return  # its directory could not be imported; the error is already reported
+        return False  # its directory could not be imported; the error is already reported
     existing = txn.dirent(parent, name)
     if op.link_to is not None:
         target_ino = inos.get(op.link_to)
         if target_ino is None:
-            return
+            return False
         if existing is not None:
             _remove_name(txn, parent, name)
         namespace.link(txn, target_ino, parent, name)
         inos[entry.rel] = target_ino
         report.hardlinks += 1
-        return
+        return False
     if existing is not None:
         old = namespace.get(txn, existing[0])
         if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(old.mode):
             inos[entry.rel] = existing[0]
             _set_attrs(txn, existing[0], st)
-            return
+            return False
         if stat.S_ISDIR(old.mode):
             report.errors.append(f"{os.fsdecode(entry.rel)}: a directory of that name is already "
                                  "in the store; import into another --dest")
-            return
+            return False
         _remove_name(txn, parent, name)
     content = None
+    adopted = False
     if op.prepared is not None:
-        contents.register(txn, op.prepared)
+        adopted = contents.register(txn, op.prepared)
         content = (op.prepared.content_id, op.prepared.table.size)
     ino = namespace.create(txn, parent, name, st.st_mode, st.st_uid, st.st_gid,
                            rdev=st.st_rdev, target=op.target, content=content,
@@ -234,6 +262,7 @@ def _apply(txn: Txn, op: _Op, inos: dict[bytes, int], report: ImportReport) -> N
     elif stat.S_ISREG(st.st_mode):
         report.files += 1
         report.bytes += st.st_size
+    return adopted
 
 
 def _remove_name(txn: Txn, parent: int, name: bytes) -> None:

@@ -47,6 +47,7 @@ from .packs import OBJECT_BIT, ChunkLocation, ScannedRecord, block_sums, fsync_d
 
 OBJECT_MIN_BYTES = 1024 * 1024
 OBJECT_SUFFIX = ".obj"
+COPY_PREFIX = ".copy-"  # an import's copy of a file, until it is made an object or dropped
 
 
 def object_ids(directory: Path) -> list[int]:
@@ -72,12 +73,16 @@ class ObjectFiles:
     Thread-safe (a lock guards the id counter and the unsynced flag)."""
 
     def __init__(self, directory: Path) -> None:
+        """Opened by the store's one writer, which owns every copy left from a crash."""
         self.directory = directory
         directory.mkdir(mode=0o700, exist_ok=True)
+        for stale in directory.glob(COPY_PREFIX + "*"):
+            stale.unlink()
         existing = object_ids(directory)
         self._next = (max(existing) & ~OBJECT_BIT) + 1 if existing else 1
         self._lock = threading.Lock()
         self._dir_unsynced = False
+        self._copies = 0
 
     def path(self, object_id: int) -> Path:
         return self.directory / f"{object_id & ~OBJECT_BIT:08x}{OBJECT_SUFFIX}"
@@ -93,6 +98,36 @@ class ObjectFiles:
         """Make the (fsync'd) file ``source`` the object ``object_id``, read-only."""
         target = self.path(object_id)
         os.link(source, target)
+        os.chmod(target, 0o400)
+        with self._lock:
+            self._dir_unsynced = True
+
+    def copy_in(self, fd: int) -> Path:
+        """A durable copy of the open file ``fd`` in the objects directory, not yet an object
+        (an import hashes the copy, so the object holds exactly the bytes it hashed)."""
+        with self._lock:
+            self._copies += 1
+            path = self.directory / f"{COPY_PREFIX}{os.getpid()}-{self._copies}"
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size, done = os.fstat(fd).st_size, 0
+            while done < size:
+                copied = os.sendfile(out, fd, done, size - done)  # in the kernel, any fs
+                if copied == 0:
+                    break  # the source shrank: the copy is what there was
+                done += copied
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            path.unlink()
+            raise
+        os.close(out)
+        return path
+
+    def adopt(self, copy: Path, object_id: int) -> None:
+        """Make a ``copy_in`` copy the object ``object_id``."""
+        target = self.path(object_id)
+        os.rename(copy, target)
         os.chmod(target, 0o400)
         with self._lock:
             self._dir_unsynced = True

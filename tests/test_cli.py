@@ -103,13 +103,13 @@ def test_store_of_a_future_format(cmd: tuple[str, ...], store_path: Path, tmp_pa
     assert_user_error(proc, "format 99", "upgrade hubfs", exitcode=2)
     with pytest.raises(StoreFormatError):
         Store(store_path, readonly=True)
-    (store_path / "HUBFS").write_text('{"format": 1}\n')  # so the fixture's checks can run
+    (store_path / "HUBFS").write_text('{"format": 2}\n')  # so the fixture's checks can run
 
 
 def test_store_of_an_old_format(store_path: Path) -> None:
     (store_path / "HUBFS").write_text('{"format": 0}\n')
     assert_user_error(run_cli("ls", store_path), "old format", exitcode=2)
-    (store_path / "HUBFS").write_text('{"format": 1}\n')
+    (store_path / "HUBFS").write_text('{"format": 2}\n')
 
 
 @pytest.mark.parametrize("marker", [b"", b"garbage", b"\xff\xfe\x00", b'{"format": "one"}',
@@ -122,10 +122,10 @@ def test_damaged_marker(marker: bytes, store_path: Path, src: Path) -> None:
     # one command per case (each is a process start); they share the marker check
     command = ("ls", "verify", "stats", "import")[len(marker) % 4]
     proc = run_cli(command, store_path, *([src] if command == "import" else []))
-    assert_user_error(proc, "HUBFS is damaged", '{"format": 1}', exitcode=2)
+    assert_user_error(proc, "HUBFS is damaged", '{"format": 2}', exitcode=2)
     with pytest.raises(StoreFormatError, match="is damaged"):
         Store(store_path)
-    (store_path / "HUBFS").write_text('{"format": 1}\n')
+    (store_path / "HUBFS").write_text('{"format": 2}\n')
 
 
 def test_marker_that_is_a_directory(tmp_path: Path) -> None:

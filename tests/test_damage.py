@@ -37,7 +37,7 @@ import pytest
 
 from hubfs import namespace
 from hubfs.compression import Codec
-from hubfs.packs import CHECK_BLOCK_BYTES, PACK_HEADER, ChunkLocation, header_bytes
+from hubfs.packs import CHECK_BLOCK_BYTES, PACK_HEADER, ChunkLocation, PackFiles, header_bytes
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
@@ -129,7 +129,10 @@ def placements(store: Path) -> list[Placed]:
 
 
 def pack_path(store: Path, pack_id: int) -> Path:
-    return store / "packs" / f"{pack_id:08x}.pack"
+    """A pack's or an object's file, made writable (objects are read-only)."""
+    path = PackFiles(store / "packs").path(pack_id)
+    os.chmod(path, 0o600)
+    return path
 
 
 def flip(path: Path, offset: int, rng: random.Random) -> None:
@@ -264,7 +267,9 @@ def test_flipped_payload_bytes_give_eio_never_wrong_bytes(tmp_path: Path, seed: 
     files = tree_files(seed)
     store = tmp_path / "store"
     import_files(store, tmp_path / "src", files)
-    mounted = mount_store(store, tmp_path / "mnt")
+    # Checked reads: objects are otherwise served by the kernel, which cannot check them
+    # (verify and --checked-reads are what guard kernel-served bytes; see hubfs.objects).
+    mounted = mount_store(store, tmp_path / "mnt", "--checked-reads")
     try:
         placed = placements(store)
         # one raw chunk and one compressed chunk, anywhere in the tree
@@ -302,7 +307,7 @@ def test_flipped_payload_bytes_give_eio_never_wrong_bytes(tmp_path: Path, seed: 
 
 def header_victim(store: Path, rng: random.Random) -> tuple[Placed, list[Placed]]:
     """A record that is not its pack's last (so later records exist), and all placements."""
-    placed = placements(store)
+    placed = [p for p in placements(store) if not p.location.in_object]  # headers: packs
     by_offset = {p.location.offset: p for p in placed}
     last = max(by_offset)
     victim = by_offset[rng.choice(sorted(o for o in by_offset if o != last))]

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from hubfs import namespace
-from hubfs.packs import PackFiles, pack_ids
+from hubfs.chunking import ChunkerParams
+from hubfs.packs import PackFiles
 from hubfs.store import Store
-from hubfs.verify import VerifyReport, check_packs
+from hubfs.verify import VerifyReport, check_files
 from tests.test_damage import LMDB_PAGE_BYTES, Outcome, import_files, run_cli, tree_files
 
 pytestmark = pytest.mark.slow
@@ -107,12 +108,12 @@ def damage(store: Path, seed: int) -> str:
 
 
 def intact_chunks(store: Path) -> set[bytes]:
-    """Chunk ids with at least one intact record, every byte checked (no index needed)."""
+    """Chunk ids with at least one intact record or object chunk, every byte checked (no
+    index needed; the test stores use the default chunking)."""
     packs = PackFiles(store / "packs")
     try:
-        if not pack_ids(packs.directory):
-            return set()
-        return {rec.chunk_id for rec in check_packs(packs, VerifyReport(), False).values()}
+        intact = check_files(packs, ChunkerParams(), VerifyReport(), False)
+        return {rec.chunk_id for rec in intact.records.values()}
     finally:
         packs.close()
 

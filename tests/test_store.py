@@ -558,7 +558,8 @@ def test_small_chunks_many_packs(tmp_path: Path, policy: str) -> None:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     files = {
-        "d/random": rng.bytes(1_500_000),
+        "d/random": rng.bytes(900_000),  # below OBJECT_MIN_BYTES: in packs
+        "d/random2": rng.bytes(900_000),
         "d/text": b"".join(b"token %d -> id %d\n" % (i, i * 31) for i in range(60_000)),
         "zeros": bytes(700_000),
         "mixed": rng.bytes(200_000) + bytes(300_000) + rng.bytes(100_001),
