@@ -14,6 +14,9 @@ import json
 import mmap
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from tests.engine_helpers import text_bytes
 from tests.test_passthrough import evict, read_costs, resident_fraction
 
 FILE_BYTES = 32 << 20
+NOBODY = 65534
 COMMIT_WAIT_S = 60.0
 
 
@@ -220,3 +224,52 @@ def test_a_format_1_store_is_upgraded_in_place(store_path: Path) -> None:
         assert b"".join(store.reader.pieces(content)) == data
         assert verify(store, progress=False).ok
     assert json.loads((store_path / MARKER).read_text())["format"] == 2
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to mount as an unprivileged user")
+def test_non_root_mount_serves_objects_by_the_daemon(tmp_path: Path) -> None:
+    """Without CAP_SYS_ADMIN the kernel refuses backing files: the daemon serves the object's
+    bytes, right, and `hubfs status` says why."""
+    top = Path(tempfile.mkdtemp(prefix="hubfs-test-nobody-", dir="/tmp"))
+    os.chown(top, NOBODY, NOBODY)
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                 sys.executable, "-m", "hubfs.cli"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def hubfs(*args: str) -> str:
+        return subprocess.run([*as_nobody, *args], cwd=top, env=env, capture_output=True,
+                              text=True, check=True, timeout=120).stdout
+
+    store, mnt = top / "store", top / "mnt"
+    try:
+        hubfs("init", str(store))
+        mnt.mkdir()
+        os.chown(mnt, NOBODY, NOBODY)
+        hubfs("mount", str(store), str(mnt))
+        data = os.urandom(8 << 20)
+        script = ("import sys; open(sys.argv[1], 'wb').write(sys.stdin.buffer.read()); "
+                  "import time; time.sleep(1); sys.stdout.buffer.write(open(sys.argv[1], "
+                  "'rb').read())")
+        out = subprocess.run([*as_nobody[:4], sys.executable, "-c", script, str(mnt / "w.bin")],
+                             input=data, capture_output=True, check=True, cwd=top).stdout
+        assert out == data
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while (state := json.loads(hubfs("status", str(mnt), "--json")))["staged_files"] \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cat = "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())"
+        again = subprocess.run([*as_nobody[:4], sys.executable, "-c", cat, str(mnt / "w.bin")],
+                               capture_output=True, check=True, cwd=top).stdout
+        assert again == data
+        state = json.loads(hubfs("status", str(mnt), "--json"))
+        assert state["read_mode"] == "daemon", state
+        assert "root" in state["read_mode_why"], state
+        assert len(list((store / "objects").iterdir())) == 1
+    finally:
+        subprocess.run([*as_nobody, "umount", str(mnt)], cwd=top, env=env, check=False,
+                       capture_output=True)
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, capture_output=True)
+        shutil.rmtree(top)
