@@ -499,9 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-others", choices=["none", "read"], default="none",
                    help="what non-members get in shared/ (default: none)")
     p.add_argument("--checked-reads", action="store_true",
-                   help="the daemon serves and checks every read (FUSE passthrough, which "
-                   "lets the kernel serve large files from the store at disk speed, bypasses "
-                   "hubfs's checksums)")
+                   help="the daemon serves and checks every read, and receives every write "
+                   "(FUSE passthrough, which lets the kernel read large files from the store "
+                   "and write new files at disk speed, bypasses hubfs's checksums)")
     p.add_argument("--ingest-step-mib", type=int, default=64,
                    help="store a file being written every this many MiB, so a download never "
                    "needs two full copies on disk (default 64)")

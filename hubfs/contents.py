@@ -61,9 +61,9 @@ def register(txn: Txn, prepared: PreparedContent) -> bool:
     before the transaction commits (else the object is not needed, and not named).
 
     The new content starts with no reference: ``add_ref`` (through the namespace) gives it one.
-    With an object (hubfs.objects), chunks whose copy is in a pack move into the object, so
-    the store keeps one copy (gc reclaims the pack's); a content stored before without an
-    object gets it now. A twin (the same bytes stored meanwhile with an object) wins.
+    With an object (hubfs.objects), chunks whose copy is in a pack or that no file holds move
+    into the object, so the store keeps one copy (gc reclaims the other); a content stored
+    before without an object gets it now. A twin (the same bytes stored meanwhile with an object) wins.
     """
     if prepared.object_id and txn.object_of(prepared.content_id) is not None:
         prepared = replace(prepared, object_id=0, new_chunks={})
@@ -82,8 +82,9 @@ def register(txn: Txn, prepared: PreparedContent) -> bool:
                     "stored (was `hubfs gc` run at the same time?); write the file again",
                     chunk_id)
             entry = ChunkEntry(loc, 0)
-        elif prepared.object_id and loc is not None and not entry.location.in_object:
-            entry = ChunkEntry(loc, entry.refcount)
+        elif prepared.object_id and loc is not None and (not entry.location.in_object
+                                                         or not entry.refcount):
+            entry = ChunkEntry(loc, entry.refcount)  # a pack's copy, or one no file holds
         txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount + (not known)))
     if not known:
         txn.put_content(prepared.content_id, prepared.table)

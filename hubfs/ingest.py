@@ -142,15 +142,21 @@ class Ingestor:
         table = ContentTable(total, tuple(ids), tuple(h.span.length for h in hashed))
         cid = content_id(total, ids)
         missing: dict[bytes, HashedChunk] = {}
+        unused: dict[bytes, HashedChunk] = {}
         for i in range(0, len(hashed), LOOKUP_BATCH):
             with self.index.read() as txn:
                 if i == 0:
                     known = txn.content(cid) is not None
                     has_object = txn.object_of(cid) is not None
                 for h in hashed[i : i + LOOKUP_BATCH]:
-                    if h.chunk_id not in missing and txn.chunk(h.chunk_id) is None:
+                    if h.chunk_id in missing or h.chunk_id in unused:
+                        continue
+                    entry = txn.chunk(h.chunk_id)
+                    if entry is None:
                         missing[h.chunk_id] = h
-        new_bytes = sum(h.span.length for h in missing.values())
+                    elif not entry.refcount:
+                        unused[h.chunk_id] = h  # kept only until gc: bytes no file holds
+        new_bytes = sum(h.span.length for h in (*missing.values(), *unused.values()))
         if (total >= OBJECT_MIN_BYTES and not has_object and (known or 2 * new_bytes >= total)
                 and self.kept_raw(read, total, hashed[len(hashed) // 2].span)):
             object_id = new_object()

@@ -85,7 +85,7 @@ def file_info(fh: int, backing_id: int | None, keep_cache: bool, direct_io: bool
 @dataclass
 class _Backing:
     backing_id: int
-    source: object  # which file backs the inode (an object id): one per inode at a time
+    source: object  # which file backs the inode (an object id, a staging): one at a time
     opens: int
 
 
@@ -93,10 +93,10 @@ class BackingTable:
     """The backing id of each inode that has passthrough opens, counted by open.
 
     ``acquire`` at open, ``release`` at release: the first open of an inode registers its
-    backing file, later concurrent opens of the same file share that id, the last release
-    unregisters it. While an inode is backed by one file, the kernel fails (EIO) any open of
-    it that is not served from that same file: ``source`` tells the caller to refuse such
-    opens itself. Once
+    backing file, later concurrent opens share that id, the last release unregisters it.
+    While an inode is backed by one file, the kernel fails (EIO) any open of it that is not
+    served from that same file: ``source`` tells the caller which file that is, so it can
+    refuse an open that must not be served from it. Once
     the kernel refuses a registration with EPERM or EOPNOTSUPP (a non-root mount,
     passthrough not enabled), the table stops trying. Used from the trio thread only.
     """
@@ -121,18 +121,15 @@ class BackingTable:
 
     def acquire(self, inode: int, source: object, open_backing: Callable[[], int]
                 ) -> int | None:
-        """The backing id for a new open of ``inode`` from the file ``source``, or None for a
-        daemon-served open.
+        """The backing id for a new open of ``inode``, or None for a daemon-served open. An
+        inode with a backing file keeps it: the open shares it, whatever ``source`` says.
 
-        ``open_backing`` returns a fresh read-only fd of that file; it is called only when the
-        inode has no backing id yet, and closed here.
+        ``open_backing`` returns a fresh fd of the file ``source`` names (read-write for a
+        file the kernel writes); it is called only when the inode has no backing id yet, and
+        closed here.
         """
-        held = self._by_inode.get(inode)
-        if held is not None:
-            if held.source != source:
-                return None
-            held.opens += 1
-            return held.backing_id
+        if inode in self._by_inode:
+            return self.share(inode)
         if self.refused is not None or not enabled():
             return None
         fd = open_backing()
@@ -149,6 +146,12 @@ class BackingTable:
             os.close(fd)
         self._by_inode[inode] = _Backing(backing_id, source, 1)
         return backing_id
+
+    def share(self, inode: int) -> int:
+        """The backing id of an inode that has one, for one more open of it."""
+        held = self._by_inode[inode]
+        held.opens += 1
+        return held.backing_id
 
     def release(self, inode: int) -> None:
         """An open that ``acquire`` gave a backing id ended; unregister it at the last one."""

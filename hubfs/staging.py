@@ -25,6 +25,9 @@ Otherwise the append-only sidecar ``<staging name>.log`` says how to rebuild it:
 A torn last record (a crash mid-append) is ignored: the write it logged was never acknowledged
 as durable. Sidecars of the previous layout (magic ``HUBFSPFX``, front chunks only) still read.
 
+A staging with no base may be handed to the kernel (``kernel_written``): FUSE passthrough then
+writes into its file directly, at native speed, and ``refresh`` takes in what was written.
+
 Ownership: only the mount's trio thread changes a staging. Worker threads read it through an
 immutable ``Snapshot`` while holding ``in_use``, so a discard closes the file only after the
 last of them is done (that guard is the one lock here).
@@ -233,6 +236,11 @@ class Staging:
     generation: int = 0  # bumped by every change: a commit can tell it raced a write
     overwrites: int = 0  # writes below the end and truncations: front ingests racing them stop
     durable: bool = False
+    # Written by the kernel straight into the file (FUSE passthrough): writes never reach the
+    # daemon, so size and mtime come from the file itself (``refresh``). Only a staging with
+    # no base, whose file is the whole file, is handed to the kernel.
+    kernel_written: bool = False
+    _file_mtime_seen: int = 0
     _sidecar_fd: int = -1
     _users: int = 0
     _discarded: bool = False
@@ -322,6 +330,20 @@ class Staging:
         self.mtime_ns = self.ctime_ns = now_ns
         self.generation += 1
         return written
+
+    def refresh(self) -> None:
+        """Take in what the kernel wrote into a ``kernel_written`` file: its size, and its
+        mtime when a write moved it (a utime set through the daemon holds until then)."""
+        st = os.fstat(self.fd)
+        if st.st_size != self.size:
+            self.extents.clip(st.st_size)
+            self.extents.add(0, st.st_size)
+            self.size = st.st_size
+            self.generation += 1
+        if st.st_mtime_ns > self._file_mtime_seen:
+            self._file_mtime_seen = st.st_mtime_ns
+            self.mtime_ns = self.ctime_ns = st.st_mtime_ns
+            self.generation += 1
 
     def truncate(self, size: int, now_ns: int) -> list[bytes]:
         """Cut or extend the file to ``size``; returns the stored front's chunk ids when

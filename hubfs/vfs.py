@@ -5,16 +5,18 @@
 - ``writeback.WriteBack``: written bytes until they are stored content;
 - ``passthrough.BackingTable``: the object file the kernel serves each inode's opens from.
 
-How an open is served (``_serve``). A read-only open of stored content that has an object
-(hubfs.objects) is served by the kernel from that object (FUSE passthrough): no READ request
-reaches the daemon, and every inode, user and mount over that content shares one page cache.
-Any other open (a writer, a file being written, content without an object) is served by the
-daemon, through the FUSE inode's page cache. The kernel requires every open of an inode that
-has passthrough opens to be one too, from the same file (else the open fails with EIO). So
-while an inode is kernel-served, opening it for writing or truncating it fails with ETXTBSY
-("text file busy"), as writing a running program does; ML libraries never hit this, since
-they replace files by rename. A read-only open while the inode is open for writing is served
-by the daemon.
+How an open is served (``_open_reply``). A read-only open of stored content that has an
+object (hubfs.objects) is served by the kernel from that object (FUSE passthrough): no READ
+request reaches the daemon, and every inode, user and mount over that content shares one page
+cache. A new file (``create``, or an ``O_TRUNC`` open that empties a file nobody else has open)
+is written by the kernel straight into its staging file, which at commit becomes its object:
+a download runs at the disk's speed and its page cache stays valid. Any other open (an
+in-place update, a file the daemon is staging, content without an object) is served by the
+daemon through the FUSE inode's page cache. The kernel requires every open of an inode that
+has passthrough opens to be one too, from the same file (else the open fails with EIO): such
+opens share that file, and while it is an object (or a staged file already stored), opening
+the inode for writing or truncating it fails with ETXTBSY ("text file busy"), as writing a
+running program does. ML libraries never hit this: they replace files by rename.
 
 This class only ties them together, so ``fs.py`` translates and decides nothing, and tests drive
 the whole model in-process, without a mount (tests/test_model.py).
@@ -62,6 +64,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -134,6 +137,8 @@ class FileSystem:
     def _attributes(self, ino: int, inode: Inode) -> Attributes:
         staging = self.writeback.staged(ino)
         if staging is not None:
+            if staging.kernel_written:
+                staging.refresh()
             return Attributes(ino, inode, staging.size, staging.mtime_ns,
                               max(inode.ctime_ns, staging.ctime_ns))
         return Attributes(ino, inode, inode.size, inode.mtime_ns, inode.ctime_ns)
@@ -225,7 +230,7 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         if not stat.S_ISREG(inode.mode):
             raise FsError(errno.EINVAL)
-        self._check_not_kernel_served(ino)
+        self._check_writable(ino)
         self.writeback.truncate(ino, inode, size)
         if not self.open_files.writers(ino):  # truncate(2) by path: no close will commit it
             await self.writeback.commit(ino)
@@ -253,9 +258,8 @@ class FileSystem:
         ino, inode = self.names.create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid,
                                        gid)
         self.open_files.looked_up(ino)
-        fh = self.open_files.open(ino, True, inode.content_id)
         self.writeback.for_write(ino, inode, keep=False)
-        return OpenReply(fh), self._attributes(ino, inode)
+        return self._open_reply(ino, inode.content_id, True), self._attributes(ino, inode)
 
     async def open(self, ino: int, flags: int) -> OpenReply:
         inode = self.names.inode(ino)
@@ -263,43 +267,61 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
-            self._check_not_kernel_served(ino)
+            self._check_writable(ino)
+            await self.writeback.idle(ino)  # a commit of kernel-written bytes sees no writes
+            self._check_writable(ino)
+            inode = self.names.inode(ino)
         else:
             inode = self.names.accessed(ino, inode)
         if flags & os.O_TRUNC and writable:
             self.writeback.truncate(ino, inode, 0)
-        staged = self.writeback.staged(ino) is not None
-        if staged:
-            self._check_not_kernel_served(ino)
-        backing_id = None if writable or staged else self._kernel_served(ino, inode.content_id)
-        served = Served.CACHED if backing_id is None else Served.KERNEL
-        fh = self.open_files.open(ino, writable, inode.content_id, served)
-        if backing_id is None:
-            return OpenReply(fh, keep_cache=self.open_files.keep_cache(ino, inode.content_id,
-                                                                       staged))
-        return OpenReply(fh, backing_id=backing_id)
+        return self._open_reply(ino, inode.content_id, writable)
 
-    def _kernel_served(self, ino: int, content_id: bytes) -> int | None:
-        """The backing id a read-only open of stored content is served from, if the content
-        has an object and the kernel serves it (see the module docstring)."""
+    def _open_reply(self, ino: int, content_id: bytes, writable: bool) -> OpenReply:
+        """Serve a new open (see the module docstring) and count it."""
+        backing_id = self._kernel_served(ino, content_id, writable)
+        served = Served.CACHED if backing_id is None else Served.KERNEL
+        fh = self.open_files.open(ino, writable, content_id, served)
+        if backing_id is not None:
+            return OpenReply(fh, backing_id=backing_id)
+        staged = self.writeback.staged(ino) is not None
+        return OpenReply(fh, keep_cache=self.open_files.keep_cache(ino, content_id, staged))
+
+    def _kernel_served(self, ino: int, content_id: bytes, writable: bool) -> int | None:
+        """The backing id the kernel serves a new open from, or None (the daemon serves)."""
+        if self.backing.source(ino) is not None:  # every open shares it (the kernel's rule)
+            return self.backing.share(ino)
         if self.open_files.cached(ino):
             return None  # the kernel would refuse it beside page-cache opens
-        object_id = self.store.object_of(content_id)
-        if object_id != self.backing.source(ino):
-            self._check_not_kernel_served(ino)  # opens of another object's: not this file
+        staging = self.writeback.staged(ino)
+        if staging is not None:
+            if not (writable and staging.whole and staging.size == 0):
+                return None  # the daemon has bytes of it: it goes on serving them
+            path = staging.path
+            backing_id = self._acquire(ino, path, path, os.O_RDWR)
+            staging.kernel_written = backing_id is not None
+            return backing_id
+        object_id = None if writable else self.store.object_of(content_id)
         if object_id is None:
             return None
-        path = self.store.packs.path(object_id)
+        return self._acquire(ino, object_id, self.store.packs.path(object_id), os.O_RDONLY)
+
+    def _acquire(self, ino: int, source: object, path: Path, mode: int) -> int | None:
         try:
-            return self.backing.acquire(
-                ino, object_id, lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:  # the object is gone or unreadable: its chunks may serve
+            return self.backing.acquire(ino, source,
+                                        lambda: os.open(path, mode | os.O_CLOEXEC))
+        except OSError as exc:  # an object gone or unreadable: its chunks may still serve
             log.error("cannot serve inode %d from %s (%s): the daemon serves it; run "
                       "`hubfs verify STORE`", ino, path, exc.strerror)
             return None
 
-    def _check_not_kernel_served(self, ino: int) -> None:
-        if self.backing.source(ino) is not None:
+    def _check_writable(self, ino: int) -> None:
+        """ETXTBSY while the kernel serves the inode from a file that must not change: only
+        a staging the kernel writes may be written and truncated beside its opens."""
+        if self.backing.source(ino) is None:
+            return
+        staging = self.writeback.staged(ino)
+        if staging is None or not staging.kernel_written:
             raise FsError(errno.ETXTBSY)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:

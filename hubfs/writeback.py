@@ -133,6 +133,14 @@ class WriteBack:
                 "ingests_running": sum(p.busy.locked() for p in self._files.values()),
                 "staged_bytes": sum(p.staging.staged_bytes for p in self._files.values())}
 
+    async def idle(self, ino: int) -> None:
+        """Wait for a running commit of a file the kernel writes: its writes bump no
+        generation, so the commit must not race one (a writable open waits here)."""
+        pending = self._files.get(ino)
+        if pending is not None and pending.staging.kernel_written and pending.busy.locked():
+            async with pending.busy:
+                pass
+
     # -- writes
     def for_write(self, ino: int, inode: Inode, keep: bool) -> Staging:
         """The inode's staging, made now if it has none: over its stored content when the
@@ -175,6 +183,8 @@ class WriteBack:
 
     def truncate(self, ino: int, inode: Inode, size: int) -> None:
         staging = self.for_write(ino, inode, keep=size > 0)
+        if staging.kernel_written:
+            staging.refresh()
         self._unpin(staging.truncate(size, namespace.now_ns()))
 
     def set_mtime(self, ino: int, mtime_ns: int) -> None:
@@ -348,7 +358,10 @@ class WriteBack:
     async def _commit_once(self, ino: int, pending: Pending) -> bool:
         """One try; False when a write changed the staging meanwhile."""
         staging = pending.staging
-        _check_room(self.store.path, staging)  # fail before appending what cannot all fit
+        if staging.kernel_written:
+            staging.refresh()  # what the kernel wrote (its writers are gone: it is final)
+        if not staging.whole:  # (a whole one may become its object: that needs no room)
+            _check_room(self.store.path, staging)  # fail before appending what cannot fit
         snap = staging.snapshot()
         reuse = snap.reuse()
         objects = self.store.objects

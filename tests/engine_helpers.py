@@ -148,7 +148,8 @@ def text_bytes(size: int, seed: int = 0) -> bytes:
     """Compressible bytes like a dataset's text (random words of a small vocabulary): a file
     the store compresses into packs (random bytes or weights would become an object)."""
     rng = np.random.default_rng(seed)
-    vocab = [bytes(rng.integers(97, 123, int(n))) for n in rng.integers(2, 10, 2000)]
+    vocab = [rng.integers(97, 123, int(n), dtype=np.uint8).tobytes()
+             for n in rng.integers(2, 10, 2000)]
     words = rng.integers(0, len(vocab), size // 4 + 16)
     out = b" ".join(vocab[i] for i in words)
     while len(out) < size:

@@ -1,9 +1,11 @@
 """A download never costs two full copies on disk.
 
-Bytes the store compresses (text, say a dataset's JSON): with ``--ingest-step-mib 1`` every MiB
-a file grows by, its finished front becomes chunks and is cut out of the staging file. Bytes it
-keeps raw (weights): the staging file is kept whole and becomes the content's object at commit
-(hubfs.objects), with no copy at all. The tests check the disk use while writing, that reads during
+These mounts use ``--checked-reads``, so the daemon receives every write, as on a non-root
+mount (as root, a new file is written by the kernel straight into its staging file instead;
+test_objects covers that). Bytes the store compresses (text, say a dataset's JSON): with
+``--ingest-step-mib 1`` every MiB a file grows by, its finished front becomes chunks and is cut
+out of the staging file. Bytes it keeps raw (weights): the staging file is kept whole and
+becomes the content's object at commit (hubfs.objects), with no copy at all. The tests check the disk use while writing, that reads during
 the write see every byte, that the stored chunking equals a one-shot import (so dedup is not
 lost), that writes and truncates into the stored front work, and that a crash recovers the
 front from its sidecar.
@@ -35,7 +37,8 @@ STEP_MIB = 1
 def stepped(tmp_path: Path, request: pytest.FixtureRequest) -> Mounted:
     store = tmp_path / "store"
     Store.init(store)
-    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", str(STEP_MIB))
+    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", str(STEP_MIB),
+                          "--checked-reads")
     yield mounted  # type: ignore[misc]
     unmount_and_check(mounted, request)
 
@@ -134,7 +137,8 @@ def test_crash_while_writing_recovers_front_and_tail(tmp_path: Path,
                                                     request: pytest.FixtureRequest) -> None:
     store = tmp_path / "store"
     Store.init(store)
-    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", str(STEP_MIB))
+    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", str(STEP_MIB),
+                          "--checked-reads")
     data = text_bytes(6 << 20)
     path = mounted.path / "partial.bin"
     f = open(path, "wb")  # noqa: SIM115  (left open on purpose: the daemon dies first)
