@@ -147,7 +147,7 @@ class Seaweed:
         os.kill(self.proc.pid, signal.SIGCONT)
         self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.wait(1)  # its graceful stop takes ~2 s; the data is thrown away anyway
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

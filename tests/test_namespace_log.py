@@ -215,7 +215,7 @@ def entries(draw: st.DrawFn) -> Entry:
                  target=draw(paths) if kind is Kind.SYMLINK else None)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(entries(), max_size=30), st.randoms(use_true_random=False))
 def test_merge_is_order_free_and_idempotent(batch: list[Entry], rnd: random.Random) -> None:
     one = View()
