@@ -674,9 +674,10 @@ class Remote:
     @staticmethod
     def _bad_chunk(table: ContentTable, first: int, last: int, data: bytes) -> int | None:
         base = table.chunk_starts[first]
+        view = memoryview(data)  # slices without copies
         for i in range(first, last + 1):
             start = table.chunk_starts[i] - base
-            piece = data[start:start + table.chunk_lengths[i]]
+            piece = view[start:start + table.chunk_lengths[i]]
             if len(piece) != table.chunk_lengths[i] or \
                     blake3.blake3(piece).digest() != table.chunk_ids[i]:
                 return i
