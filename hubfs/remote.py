@@ -609,6 +609,26 @@ class Remote:
                      "lifecycle rule for incomplete uploads removes it", self.url, rel,
                      type(exc).__name__)
 
+    def abort_stale_uploads(self, older_than_s: float = 86400.0) -> int:
+        """Abort multipart uploads under the prefix begun more than ``older_than_s`` ago (a
+        node killed mid-upload leaves one; it is invisible but holds space). The number
+        aborted. Younger ones may be another node's upload in progress and are left alone."""
+        args: dict[str, Any] = {"Bucket": self.url.bucket, "Prefix": self.url.key("")}
+        cutoff = time.time() - older_than_s
+        aborted = 0
+        while True:
+            page = self._call("LIST-MULTIPART", lambda: self._client.list_multipart_uploads(
+                **args))
+            for up in page.get("Uploads", ()):
+                if up["Initiated"].timestamp() <= cutoff:
+                    rel = up["Key"][len(self.url.key("")):]
+                    self._abort(rel, up["UploadId"])
+                    aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            args["KeyMarker"] = page.get("NextKeyMarker")
+            args["UploadIdMarker"] = page.get("NextUploadIdMarker")
+
     def content_table(self, cid: bytes) -> ContentTable:
         """A content's chunk table, fetched once and checked against its id."""
         with self._tables_lock:

@@ -235,6 +235,12 @@ class UploadQueue:
         return True
 
     def _run(self) -> None:
+        try:
+            aborted = self.remote.abort_stale_uploads()
+            if aborted:
+                log.info("upload queue: aborted %d stale multipart uploads", aborted)
+        except RemoteError as exc:
+            log.info("upload queue: stale multipart uploads not checked: %s", exc.message)
         backoff = 0.0
         while True:
             with self._cond:

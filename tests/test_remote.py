@@ -277,3 +277,15 @@ def test_hung_store_fails_in_bounded_time(remote_url: str, seaweed: Seaweed) -> 
     finally:
         seaweed.resume()
     assert reader.read_content(cid, 0, 10) == data[:10]  # back, the same client works
+
+
+def test_stale_multipart_uploads_are_aborted(remote_url: str, seaweed: Seaweed) -> None:
+    remote = Remote(remote_url)
+    raw: Any = seaweed.client()
+    key = remote.url.key("content/00/dangling")
+    upload = raw.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+    raw.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1000)
+    assert remote.abort_stale_uploads(older_than_s=3600) == 0  # maybe another node's, live
+    assert remote.abort_stale_uploads(older_than_s=0) == 1
+    left = raw.list_multipart_uploads(Bucket=BUCKET, Prefix=remote.url.key("")).get("Uploads")
+    assert not left
