@@ -1,16 +1,42 @@
-"""Moving the namespace log through the object store: publish, pull, compact, prune.
+"""Moving the namespace log through the object store: join, publish, pull, compact, prune.
 
 The rules and formats are ``namespace_log``'s; this module only knows where they live in the
-bucket (``log/NODE/SEQ``, ``snap/GEN``) and in which order to read them. A damaged object is
-never merged: a reader stops at it (a segment) or falls back to an older one (a snapshot).
+bucket (``cluster.json``, ``log/NODE/SEQ``, ``snap/GEN``) and in which order to read them. A
+damaged object is never merged: a reader stops at it (a segment) or falls back to an older one
+(a snapshot).
+
+Wiring into the mount (for the session that does it)
+----------------------------------------------------
+- ``hubfs init STORE --remote URL``: ``join_cluster`` with the store's chunking parameters
+  (content ids depend on them, so every node must share them), and a node name (default: the
+  host name; unique per node, or ``publish`` reports a clash). Store both in the store's meta.
+- New content (at ingest commit): ``UploadQueue.put_content(cid)``; its ``source`` reads the
+  content's chunk table and bytes from the local store. Never evict a content whose job is
+  still queued.
+- Namespace changes become ``Entry``s (``HybridClock.now()``) in an ``Outbox`` kept in the
+  index in the same transaction as the change. Every ``SYNC_INTERVAL_S`` and at ``hubfs
+  sync``: seal the outbox at the next sequence number, ``UploadQueue.put_object`` the
+  segment, then commit "outbox empty, next seq + 1". Encoding is deterministic, so a crash
+  between the two re-seals the same bytes under the same key, which the queue takes as queued.
+- Pull on the same interval: ``ClusterLog.pull(view)``; apply ``report.changed`` to the local
+  namespace. A file whose content the node lacks gets an inode with size and content id and no
+  local bytes; reads fetch ``Remote.read_content`` ranges (off the trio thread), keep the
+  verified chunks in the local store, and map ``RemoteUnavailableError`` to EIO with its one
+  line logged. Persist the view's frontier and snapshot generation with the namespace.
+- Compact when segments since the newest snapshot exceed ``COMPACT_AFTER_SEGMENTS``, then prune.
+- ``hubfs status``/``stats``: ``UploadQueue.status()``, ``ClusterLog.last_pull``,
+  ``Remote.stats``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
+from .errors import HubfsError
 from .namespace_log import (
     SEQ_DIGITS,
     DamagedObject,
@@ -29,6 +55,36 @@ from .remote import Remote
 log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 3
+SYNC_INTERVAL_S = 5.0  # the issue promises propagation within 10 s: push, then pull
+COMPACT_AFTER_SEGMENTS = 256
+CLUSTER_KEY = "cluster.json"
+CLUSTER_FORMAT = 1
+
+
+def join_cluster(remote: Remote, settings: dict[str, Any]) -> None:
+    """Record the cluster's settings in the bucket if this is its first node, else check that
+    this node's settings are the same (content ids depend on the chunking parameters)."""
+    doc = {"format": CLUSTER_FORMAT, **settings}
+    data = json.dumps(doc, sort_keys=True).encode()
+    if remote.put_if_absent(CLUSTER_KEY, data):
+        log.info("%s: a new cluster store", remote.url)
+        return
+    raw = remote.get(CLUSTER_KEY)
+    try:
+        theirs = json.loads(raw or b"")
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise HubfsError(f"{remote.url}/{CLUSTER_KEY} is damaged: restore it from another "
+                         "node's settings, or use a new prefix", 3)
+    if theirs.get("format") != CLUSTER_FORMAT:
+        raise HubfsError(f"{remote.url} holds a cluster store of format {theirs.get('format')}; "
+                         f"this hubfs writes format {CLUSTER_FORMAT}: upgrade hubfs", 2)
+    for key in sorted(set(doc) | set(theirs)):
+        if doc.get(key) != theirs.get(key):
+            raise HubfsError(f"{remote.url} was created with {key}={theirs.get(key)!r}, this "
+                             f"store has {key}={doc.get(key)!r}: initialise this node's store "
+                             "with the cluster's settings", 2)
 
 
 def segment_key(node: str, seq: int) -> str:

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from hubfs.cluster_sync import ClusterLog, segment_key, snapshot_key
-from hubfs.errors import RemoteConflictError
+from hubfs.cluster_sync import ClusterLog, join_cluster, segment_key, snapshot_key
+from hubfs.errors import HubfsError, RemoteConflictError
 from hubfs.namespace_log import (
     HLC,
     Entry,
@@ -282,3 +282,12 @@ def test_entries_keep_owner_and_mode(remote_url: str) -> None:
     assert (tree["users/ann/secret.bin"].mode, tree["users/ann/secret.bin"].gid) == (0o600, 1001)
     assert tree["users"].mode == 0o700 and tree["users"].uid == 1001  # implied: as private
     assert HLC(0, 0, "a") < tree["users/ann"].hlc
+
+
+def test_nodes_must_share_the_cluster_settings(remote_url: str) -> None:
+    settings = {"chunk_min": 65536, "chunk_avg": 262144, "chunk_max": 1048576}
+    join_cluster(Remote(remote_url), settings)
+    join_cluster(Remote(remote_url), dict(settings))  # a second node with the same: fine
+    with pytest.raises(HubfsError, match="created with chunk_avg=262144, this store has "
+                                         "chunk_avg=131072"):
+        join_cluster(Remote(remote_url), {**settings, "chunk_avg": 131072})
