@@ -76,6 +76,7 @@ class Seaweed:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.s3_port = 0
+        self.ports: dict[str, int] = {}
 
     @property
     def endpoint(self) -> str:
@@ -87,11 +88,14 @@ class Seaweed:
         for _ in range(3):  # a port drawn free can be taken before weed binds it
             ports = dict(zip(PORT_NAMES, _free_ports(len(PORT_NAMES))))
             ports["admin.port"] = _free_admin_port()
+            self.ports = ports
             self.s3_port = ports["s3.port"]
             args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1",
                     "-ip.bind=127.0.0.1", "-admin.ui=false", f"-bucket={BUCKET}",
                     "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0",
-                    "-s3.port.lance=0", *(f"-{k}={v}" for k, v in ports.items())]
+                    "-s3.port.lance=0", f"-s3.localSocket={self.workdir / 's3.sock'}",
+                    f"-filer.localSocket={self.workdir / 'filer.sock'}",
+                    *(f"-{k}={v}" for k, v in ports.items())]
             env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                    "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
             with open(self.workdir / "weed.log", "ab") as log:
@@ -152,6 +156,10 @@ class Seaweed:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        # weed puts its gRPC sockets in /tmp, named by port, whatever TMPDIR says.
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
