@@ -157,6 +157,28 @@ class ContentTable:
         return b"".join(parts)
 
 
+@dataclass(frozen=True)
+class FetchedChunks:
+    """Chunks [first, stop) of a content, verified, as one contiguous run of bytes."""
+
+    table: ContentTable
+    first: int
+    stop: int
+    data: bytes
+
+    @property
+    def start(self) -> int:
+        """The offset of ``data`` in the content."""
+        return self.table.chunk_starts[self.first] if self.stop > self.first else 0
+
+    def chunks(self) -> Iterator[tuple[bytes, memoryview]]:
+        """(chunk id, bytes) of each chunk, for the local store."""
+        view, base = memoryview(self.data), self.start
+        for i in range(self.first, self.stop):
+            pos = self.table.chunk_starts[i] - base
+            yield self.table.chunk_ids[i], view[pos:pos + self.table.chunk_lengths[i]]
+
+
 def content_key(cid: bytes) -> str:
     hexid = cid.hex()
     return f"content/{hexid[:2]}/{hexid}"
@@ -667,15 +689,16 @@ class Remote:
             f"{self._where()}: {content_key(cid)} is damaged ({why}); a node holding the "
             "content uploads it again with `hubfs verify --repair`", cid)
 
-    def read_content(self, cid: bytes, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset + length) of a content, every chunk they touch checked.
+    def fetch_chunks(self, cid: bytes, offset: int, length: int) -> FetchedChunks:
+        """The whole chunks that bytes [offset, offset + length) of a content touch, each
+        checked against its id: what a node keeps in its local store after a lazy read.
 
-        The request widens to whole chunks. A chunk that does not match is fetched once more
-        (damage in transit); still wrong, it raises ``RemoteIntegrityError``."""
+        A chunk that does not match is fetched once more (damage in transit); still wrong, it
+        raises ``RemoteIntegrityError``."""
         table = self.content_table(cid)
         end = min(offset + length, table.size)
         if offset >= end:
-            return b""
+            return FetchedChunks(table, 0, 0, b"")
         first = bisect.bisect_right(table.chunk_starts, offset) - 1
         last = bisect.bisect_left(table.chunk_starts, end) - 1
         span_start = table.chunk_starts[first]
@@ -686,10 +709,18 @@ class Remote:
                                   table.data_offset + span_end)
             bad = self._bad_chunk(table, first, last, data)
             if bad is None:
-                return data[offset - span_start:end - span_start]
+                return FetchedChunks(table, first, last + 1, data)
             log.info("%s: %s chunk %d does not match its id (try %d)", self.url, rel, bad,
                      attempt)
         raise self._damaged(cid, f"chunk {bad} does not match its id")
+
+    def read_content(self, cid: bytes, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a content, every chunk they touch checked."""
+        got = self.fetch_chunks(cid, offset, length)
+        if not got.data:
+            return b""
+        start = offset - got.start
+        return got.data[start:start + length]
 
     @staticmethod
     def _bad_chunk(table: ContentTable, first: int, last: int, data: bytes) -> int | None:

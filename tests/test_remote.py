@@ -48,6 +48,11 @@ def test_content_round_trip_in_ranges(remote_url: str) -> None:
                    (0, len(data))]:
         assert fresh.read_content(cid, off, n) == data[off:off + n]
     assert fresh.read_content(cid, len(data), 10) == b""
+    # What a lazy read keeps locally: the whole chunks it touched, verified.
+    got = fresh.fetch_chunks(cid, 1_500_000, 10)
+    assert (got.first, got.stop, got.start) == (2, 3, 1_400_000)
+    assert [(cid_, bytes(b)) for cid_, b in got.chunks()] == \
+        [(table_of(data, 700_000)[2][2], data[1_400_000:2_100_000])]
     # Idempotent: the second put sends no bytes.
     before = remote.stats.bytes_up
     cid2, lengths, ids = table_of(data, 700_000)

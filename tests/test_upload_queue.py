@@ -224,3 +224,21 @@ def test_torn_job_files_are_never_sent(remote_url: str, tmp_path: Path) -> None:
     assert (jobs / "00000000000000000003").exists()
     assert queue.drain_once()
     assert Remote(remote_url).get("log/n1/3") == b"ok"
+
+
+def test_a_content_is_uploaded_once_cluster_wide(remote_url: str, tmp_path: Path) -> None:
+    """Two nodes hold the same download: the second finds it in the bucket and sends nothing."""
+    data = os.urandom(3_000_000)
+    nodes = []
+    for name in ("a", "b"):
+        files = FileContents(tmp_path / name / "contents")
+        cid = files.add(data)
+        remote = Remote(remote_url)
+        nodes.append((remote, UploadQueue(tmp_path / name / "queue", remote, files.source)))
+    for remote, queue in nodes:
+        queue.put_content(cid)
+        assert queue.drain_once()
+    (a, _), (b, _) = nodes
+    assert a.stats.contents_uploaded == 1 and a.stats.bytes_up >= len(data)
+    assert b.stats.contents_uploaded == 0 and b.stats.contents_present == 1
+    assert b.stats.bytes_up == 0
