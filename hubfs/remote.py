@@ -58,6 +58,8 @@ import blake3
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 
 from .contents import content_id
 from .errors import (
@@ -308,6 +310,20 @@ def _read_exactly(stream: IO[bytes] | io.RawIOBase, n: int) -> bytes:
     return bytes(out)
 
 
+_loader_lock = threading.Lock()
+_loader: botocore.loaders.Loader | None = None
+
+
+def _shared_loader() -> botocore.loaders.Loader:
+    """botocore's service models, parsed once per process: a fresh session per ``Remote``
+    (credentials and settings as they are now) would otherwise spend ~0.2 s parsing them."""
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+        return _loader
+
+
 class Remote:
     """A bucket prefix that holds one cluster store. Thread-safe: one client, shared."""
 
@@ -317,7 +333,9 @@ class Remote:
         self.url = url if isinstance(url, RemoteURL) else RemoteURL.parse(url)
         self.deadline_s = deadline_s
         self.stats = RemoteStats()
-        self._session = boto3.session.Session()
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _shared_loader())
+        self._session = boto3.session.Session(botocore_session=core)
         region = (os.environ.get("AWS_REGION") or self._session.region_name or REGION_DEFAULT)
         config = botocore.config.Config(
             connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
