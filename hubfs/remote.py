@@ -98,7 +98,7 @@ _KEY_ID_CODES = {"InvalidAccessKeyId", "InvalidClientTokenId", "AuthorizationHea
 _SECRET_CODES = {"SignatureDoesNotMatch", "InvalidSignature"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
 _RETRY_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
-                "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}
+                "InternalError", "ServiceUnavailable"}
 _NETWORK_ERRORS = (botocore.exceptions.HTTPClientError, botocore.exceptions.ConnectionError,
                    botocore.exceptions.IncompleteReadError)
 
@@ -335,8 +335,6 @@ class Remote:
         self.stats = RemoteStats()
         core = botocore.session.get_session()
         core.register_component("data_loader", _shared_loader())
-        self._session = boto3.session.Session(botocore_session=core)
-        region = (os.environ.get("AWS_REGION") or self._session.region_name or REGION_DEFAULT)
         config = botocore.config.Config(
             connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
             retries={"total_max_attempts": 1},  # retried here, within one deadline
@@ -345,7 +343,18 @@ class Remote:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = self._session.client("s3", region_name=region, config=config)
+        try:
+            self._session = boto3.session.Session(botocore_session=core)
+            region = (os.environ.get("AWS_REGION") or self._session.region_name
+                      or REGION_DEFAULT)
+            self._client = self._session.client("s3", region_name=region, config=config)
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise RemoteError(f"{self.url}: AWS_PROFILE names {exc.kwargs.get('profile')!r}, "
+                              "a profile the AWS config files do not have: fix AWS_PROFILE",
+                              2) from None
+        except ValueError as exc:  # botocore's "Invalid endpoint: ..."
+            raise RemoteError(f"{self.url}: {exc}: fix AWS_ENDPOINT_URL (for example "
+                              "http://127.0.0.1:8333)", 2) from None
         self.endpoint = self._client.meta.endpoint_url
         self._tables: OrderedDict[bytes, ContentTable] = OrderedDict()
         self._tables_lock = threading.Lock()
@@ -420,6 +429,10 @@ class Remote:
                     raise self._auth_error(code, what) from None
                 if status == 403 or code in _DENIED_CODES:
                     raise self._explain_403(what) from None
+                if code == "RequestTimeTooSkewed":
+                    raise RemoteError(f"{self._where()}: {what}: this machine's clock differs "
+                                      "from the object store's by more than 15 minutes: set "
+                                      "the clock (NTP)") from None
                 if code == "NoSuchBucket":
                     raise RemoteError(f"{self._where()}: {what}: the bucket does not exist: "
                                       "create it, or fix the URL") from None

@@ -17,6 +17,7 @@ import hubfs.remote as remote_mod
 from hubfs.errors import (
     RemoteAuthError,
     RemoteConflictError,
+    RemoteError,
     RemoteIntegrityError,
     RemoteUnavailableError,
 )
@@ -294,3 +295,18 @@ def test_stale_multipart_uploads_are_aborted(remote_url: str, seaweed: Seaweed) 
     assert remote.abort_stale_uploads(older_than_s=0) == 1
     left = raw.list_multipart_uploads(Bucket=BUCKET, Prefix=remote.url.key("")).get("Uploads")
     assert not left
+
+
+def test_bad_settings_are_one_line(remote_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(RemoteError, match="AWS_PROFILE names 'no-such-profile'.*fix AWS_PROFILE"):
+        Remote(remote_url)
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:8333")  # no scheme
+    with pytest.raises(RemoteError, match="fix AWS_ENDPOINT_URL"):
+        Remote(remote_url)
+
+
+def test_missing_bucket_is_named(remote_url: str) -> None:
+    with pytest.raises(RemoteError, match="the bucket does not exist"):
+        Remote("s3://no-such-bucket-hubfs/p").check()
