@@ -13,8 +13,10 @@ On disk, one file per job, named by its queue sequence number::
 A job file is written to a temporary name, fsync'd and renamed, then the directory fsync'd: a
 job is either queued whole or not at all. It is deleted (and the directory fsync'd) only after
 the object store confirmed the object. A kill -9 at any point leaves the job queued; at restart
-it is sent again, and since every send is conditional (HEAD, then ``If-None-Match: *``) and an
-S3 PUT is atomic, the bucket never holds a torn object and never receives the bytes twice.
+it is sent again. An S3 PUT is atomic, so the bucket never holds a torn object; every send asks
+first (HEAD) and then writes conditionally (``If-None-Match: *``), so an object that made it
+before the kill, or that another node uploaded, is not sent again. One job at a time keeps the
+order simple; parallel sends of contents between two log segments are a later optimisation.
 """
 
 from __future__ import annotations
