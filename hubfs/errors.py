@@ -49,3 +49,26 @@ class FsError(Exception):
     def __str__(self) -> str:
         name = errno_mod.errorcode.get(self.errno, str(self.errno))
         return f"{name}: {self.args[1]}"
+
+
+class RemoteError(HubfsError):
+    """The object store of a cluster store refused or failed a request; the message names it."""
+
+    def __init__(self, message: str, exitcode: int = 5) -> None:
+        super().__init__(message, exitcode)
+
+
+class RemoteUnavailableError(RemoteError):
+    """The object store did not answer within the bounded time; retrying later may succeed."""
+
+
+class RemoteAuthError(RemoteError):
+    """The object store rejected the credentials: the message names the setting to fix."""
+
+
+class RemoteConflictError(RemoteError):
+    """An immutable key already holds different bytes (two nodes with one name, say)."""
+
+
+class RemoteIntegrityError(IntegrityError):
+    """An object fetched from the object store does not match its id (damaged at rest)."""

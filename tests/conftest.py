@@ -141,3 +141,7 @@ def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mounted]
         yield mnt
     finally:
         unmount_and_check(mnt, request)
+
+
+# The cluster tests' object store (a real `weed mini`) and a fresh bucket prefix per test.
+from tests.seaweed import remote_url, seaweed  # noqa: F401
