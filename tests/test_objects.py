@@ -114,10 +114,14 @@ def test_rewriting_a_kernel_served_file(mounted: Mounted) -> None:
         with open(path, "rb") as reader:
             assert reader.read(8) == b"XXXX" + data[4:8]
     settled(mounted)
-    with open(path, "rb") as reader:  # updated in place: chunk references, daemon-served
+    # Updated in place, it is stored as chunk references (4 new bytes, not a second copy);
+    # opened for reading, it is copied into an object of its own and served by the kernel.
+    assert mounted.stats()["stored_bytes"] < 1.05 * FILE_BYTES
+    with open(path, "rb") as reader:
         assert reader.read() == b"XXXX" + data[4:]
-        assert status(mounted)["kernel_served_files"] == 0
-    assert len(objects(mounted)) == 1
+        assert status(mounted)["kernel_served_files"] == 1
+    stats = mounted.stats()
+    assert len(objects(mounted)) == 2 and stats["materialised_objects"] == 1, stats
 
 
 @pytest.mark.mount
@@ -273,3 +277,42 @@ def test_non_root_mount_serves_objects_by_the_daemon(tmp_path: Path) -> None:
                        capture_output=True)
         subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, capture_output=True)
         shutil.rmtree(top)
+
+
+@pytest.mark.mount
+@kernel
+def test_copies_on_demand_stay_within_their_budget(tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
+    """Near-identical files (chunk references) get an object when opened, least recently
+    opened first out once the budget (here room for one) is full; open ones are never
+    dropped."""
+    store = tmp_path / "store"
+    Store.init(store)
+    budget = 1.5 * FILE_BYTES / (1 << 30)
+    mounted = mount_store(store, tmp_path / "mnt", "--materialise-budget-gib", str(budget))
+    try:
+        base = bytearray(os.urandom(FILE_BYTES))
+        write(mounted.path / "base.bin", bytes(base))
+        variants = {}
+        for name in ("tuned-a.bin", "tuned-b.bin"):
+            base[:4096] = os.urandom(4096)
+            variants[name] = bytes(base)
+            write(mounted.path / name, variants[name])
+        settled(mounted)
+        assert len(objects(mounted)) == 1  # the variants are chunk references
+        with open(mounted.path / "tuned-a.bin", "rb") as a:
+            assert a.read() == variants["tuned-a.bin"]
+            assert mounted.stats()["materialised_objects"] == 1
+            with open(mounted.path / "tuned-b.bin", "rb") as b:  # no room while a is open
+                assert b.read() == variants["tuned-b.bin"]
+                assert status(mounted)["kernel_served_files"] == 1
+        with open(mounted.path / "tuned-b.bin", "rb") as b:  # a is closed: b takes its room
+            assert b.read() == variants["tuned-b.bin"]
+            assert status(mounted)["kernel_served_files"] == 1
+        stats = mounted.stats()
+        assert stats["materialised_objects"] == 1, stats
+        assert stats["materialised_bytes"] == FILE_BYTES, stats
+        run_hubfs("gc", str(mounted.store))
+        assert len(objects(mounted)) == 2  # base's and b's copy
+    finally:
+        unmount_and_check(mounted, request)
