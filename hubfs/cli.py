@@ -277,7 +277,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    sizes = ("staged_bytes", "decoded_cache_bytes", "index_bytes", "free_bytes", "disk_bytes")
+    sizes = ("staged_bytes", "decoded_cache_bytes", "index_bytes", "free_bytes", "disk_bytes",
+             "materialised_bytes", "materialise_budget_bytes")
     for key, value in report.items():
         if key == "recent_errors":
             continue
