@@ -203,6 +203,27 @@ def test_verify_finds_a_flipped_byte_in_an_object(store: Store) -> None:
     assert any("holds other bytes" in p for p in report.problems), report.problems
 
 
+@pytest.mark.damaged_store
+@pytest.mark.allow_warnings
+def test_repair_drops_the_mapping_to_a_damaged_object(store_path: Path) -> None:
+    """The kernel must never serve a damaged object: repair unmaps it, and verify still
+    names the file (its bytes have no other copy)."""
+    from hubfs.repair import repair
+
+    with Store(store_path) as store:
+        _commit(store, b"w.bin", os.urandom(4 << 20))
+    (obj,) = (store_path / "objects").iterdir()
+    os.chmod(obj, 0o600)
+    with open(obj, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\0rot")
+    assert repair(store_path, progress=False).objects_fixed == 1
+    with Store(store_path, readonly=True) as store:
+        with store.read() as txn:
+            assert list(txn.objects()) == []
+        assert verify(store, progress=False).damaged_files == ["/w.bin"]
+
+
 @pytest.mark.allow_warnings  # the upgrade is logged as a warning, once
 def test_a_format_1_store_is_upgraded_in_place(store_path: Path) -> None:
     """A store made before objects: read-only commands say how to upgrade it, the first
@@ -316,3 +337,26 @@ def test_copies_on_demand_stay_within_their_budget(tmp_path: Path,
         assert len(objects(mounted)) == 2  # base's and b's copy
     finally:
         unmount_and_check(mounted, request)
+
+
+@pytest.mark.allow_warnings  # repair logs what it rebuilt
+def test_repair_rebuilds_the_content_to_object_mapping(store_path: Path) -> None:
+    """The mapping is re-derived from what the objects hold: a lost one comes back, one that
+    names a damaged object goes (the daemon then serves that content from its chunks)."""
+    from hubfs.repair import repair
+
+    data = os.urandom(4 << 20)
+    with Store(store_path) as store:
+        _commit(store, b"w.bin", data)
+        with store.read() as txn:
+            ((content, object_id),) = list(txn.objects())
+        with store.index.write() as txn:
+            txn.delete_object(content)
+    report = repair(store_path, progress=False)
+    assert report.objects_fixed == 1
+    with Store(store_path, readonly=True) as store:
+        assert store.object_of(content) == object_id
+        assert verify(store, progress=False).ok
+    exported = store_path.parent / "out"
+    assert run_hubfs("export", str(store_path), "/", str(exported)).returncode == 0
+    assert (exported / "w.bin").read_bytes() == data
