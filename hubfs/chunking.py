@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pyfastcdc.cy import FastCDC
@@ -47,6 +47,20 @@ class ChunkSpan:
     length: int
     elem_width: int
     zero: bool = field(default=False, compare=False)  # all zeros (a hole of a sparse file)
+
+
+class Skip(Protocol):
+    """What a caller of ``Chunker.stream`` already knows about a file being chunked again."""
+
+    def __call__(self, pos: int, limit: int, elem_width: int) -> tuple[int, int]:
+        """At final cut ``pos``: take whatever chunks are known from there (ending at or
+        before ``limit``, the end of the tensor or file) and return where chunking resumes
+        and how many bytes it should read next."""
+        ...
+
+    def wants(self, pos: int, limit: int) -> bool:
+        """Whether a call at final cut ``pos`` would take chunks (cheap: asked per chunk)."""
+        ...
 
 
 # Bytes chunked per step when streaming a file: bounds memory whatever the file size.
@@ -88,9 +102,14 @@ class Chunker:
         layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, True)
         return layout[0].end if layout else 0
 
+    @property
+    def zero_cut(self) -> int:
+        """Length of every CDC chunk that starts at a cut and is all zeros."""
+        return self._zero_cut
+
     def stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
-               start: int = 0, final: bool = True, window_bytes: int = WINDOW_BYTES
-               ) -> Iterator[tuple[ChunkSpan, memoryview]]:
+               start: int = 0, final: bool = True, window_bytes: int = WINDOW_BYTES,
+               skip: Skip | None = None) -> Iterator[tuple[ChunkSpan, memoryview]]:
         """Chunks of a file of ``size`` bytes read through ``read(offset, length)``.
 
         Each window is cut by CDC and every chunk but the window's last is final: FastCDC's cut
@@ -99,6 +118,11 @@ class Chunker:
         file there. With ``final`` False the file is still growing: the chunk running into the
         end of what is written is held back, and tensor boundaries come from the header even
         where the tensors are not written yet.
+
+        ``skip`` (only with ``final``) is asked at every final cut whether the caller already
+        knows the chunks from there (stored chunks of unchanged bytes, zeros of a hole); see
+        ``Skip``. Chunking goes on where it says, so a file with a few scattered changes is
+        read only around them.
         """
         for seg in self._segments(read, size, final):
             if seg.end <= start:
@@ -106,7 +130,12 @@ class Chunker:
             pos = max(seg.start, start)
             avail = min(seg.end, size)
             while pos < avail:
-                end = min(pos + window_bytes, avail)
+                want = window_bytes
+                if skip is not None:
+                    pos, want = skip(pos, avail, seg.elem_width)
+                    if pos >= avail:
+                        break
+                end = min(pos + max(want, 1), avail)
                 data = memoryview(read(pos, end - pos))
                 if not data:
                     return
@@ -121,7 +150,11 @@ class Chunker:
                 for offset, length in cuts:
                     yield (ChunkSpan(pos + offset, length, seg.elem_width, zero),
                            data[offset : offset + length])
-                pos += sum(length for _, length in cuts)
+                    if skip is not None and skip.wants(pos + offset + length, avail):
+                        pos += offset + length  # a final cut: the caller takes it from here
+                        break
+                else:
+                    pos += sum(length for _, length in cuts)
                 if growing:
                     return
 

@@ -160,30 +160,40 @@ class Snapshot:
         return read_layout(self.staging.fd, self.layout, offset, size, chunk_bytes)
 
     def reuse(self) -> Reuse:
-        """What storing this version may keep of the base (see ``Reuse``)."""
+        """What storing this version may take without reading (see ``Reuse``): the base
+        chunks no write or truncate touched, and the holes."""
         lay = self.layout
-        changed = [s for s, _ in lay.extents]
-        ends = [e for _, e in lay.extents]
-        if lay.base_valid < lay.size:
-            changed.append(lay.base_valid)
-            ends.append(lay.size)
-        first_change = min(changed, default=lay.size)
-        last_change = max(ends, default=0)
+        holes: list[tuple[int, int]] = []
+        pos = lay.base_valid  # below it, bytes are the base's or written
+        for start, end in lay.extents:
+            if start > pos:
+                holes.append((pos, start))
+            pos = max(pos, end)
+        if pos < lay.size:
+            holes.append((pos, lay.size))
+        first_change = min([s for s, _ in lay.extents]
+                           + ([lay.base_valid] if lay.base_valid < lay.size else []),
+                           default=lay.size)
+        # The last base chunk ends where the old file ended, not at a cut chunking would make
+        # again, unless the file still ends there or the base is a stored front (final cuts).
         eof_cut_ok = lay.base_final or lay.base_len == lay.size
-        head = 0
-        for i, (start, length) in enumerate(zip(lay.base_starts, lay.base_lengths, strict=True)):
-            last = i == len(lay.base_ids) - 1
-            if start + length > min(first_change, lay.base_valid) or (last and not eof_cut_ok):
+        starts: list[int] = []
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        ext_starts = [s for s, _ in lay.extents]
+        last = len(lay.base_ids) - 1
+        for i, (start, length) in enumerate(zip(lay.base_starts, lay.base_lengths,
+                                                strict=True)):
+            end = start + length
+            if end > lay.base_valid or (i == last and not eof_cut_ok):
                 break
-            head = i + 1
-        reuse = Reuse(lay.base_ids[:head], lay.base_lengths[:head], first_change)
-        if lay.base_len != lay.size or lay.base_valid != lay.size or head == len(lay.base_ids):
-            return reuse
-        first_tail = bisect.bisect_left(lay.base_starts, max(last_change, first_change))
-        tail_at = {lay.base_starts[j]: j - first_tail
-                   for j in range(first_tail, len(lay.base_ids))}
-        return Reuse(reuse.head_ids, reuse.head_lengths, first_change, last_change,
-                     lay.base_ids[first_tail:], lay.base_lengths[first_tail:], tail_at)
+            j = bisect.bisect_left(ext_starts, end)  # extents starting before the chunk ends
+            if j and lay.extents[j - 1][1] > start:
+                continue  # written over
+            starts.append(start)
+            ids.append(lay.base_ids[i])
+            lengths.append(length)
+        return Reuse(tuple(starts), tuple(ids), tuple(lengths), tuple(holes), first_change)
 
 
 def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: ChunkBytes

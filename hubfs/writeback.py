@@ -381,7 +381,7 @@ class WriteBack:
                 # The file may become its object, whose bytes must be durable before the
                 # index names it: the disk writes them while the CPU hashes them.
                 return _fsynced_while(staging.fd, lambda: self.ingestor.prepare_stream(
-                    read, snap.layout.size, new_object=objects.new_id))
+                    read, snap.layout.size, reuse=reuse, new_object=objects.new_id))
 
         async with self._prepared(prepare) as prepared:
             if prepared is None:
