@@ -9,15 +9,17 @@ other parameters would cut the same bytes differently and silently stop deduplic
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import blake3
 import numpy as np
 from pyfastcdc.cy import FastCDC
 
-from .tensor_layout import HEADER_PROBE_BYTES, TensorSpan, parse_layout
+from .tensor_layout import HEADER_LEN, HEADER_PROBE_BYTES, TensorSpan, parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class Skip(Protocol):
         ...
 
 
+# Bytes read first to tell a safetensors file from any other (its length, then "{").
+SNIFF_BYTES = HEADER_LEN.size + 2
 # Bytes chunked per step when streaming a file: bounds memory whatever the file size.
 WINDOW_BYTES = 64 * 1024 * 1024
 # Where a still-growing file ends, as far as chunking knows.
@@ -99,7 +103,7 @@ class Chunker:
     def header_end(self, read: Callable[[int, int], bytes | memoryview], size: int) -> int:
         """Where the first tensor starts in a safetensors file (0 for any other file): a
         change before it may move every tensor boundary."""
-        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, True)
+        layout = _layout(read, size, True)
         return layout[0].end if layout else 0
 
     @property
@@ -163,7 +167,7 @@ class Chunker:
         if size == 0:
             return []
         end = size if final else UNKNOWN_END
-        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, final)
+        layout = _layout(read, size, final)
         if not layout:
             return [TensorSpan(0, end, 0)]
         segments: list[TensorSpan] = []
@@ -178,3 +182,19 @@ class Chunker:
         if pos < end:
             segments.append(TensorSpan(pos, end, 0))
         return segments
+
+
+def _layout(read: Callable[[int, int], bytes | memoryview], size: int, complete: bool
+            ) -> list[TensorSpan] | None:
+    """``parse_layout`` of a file, reading its first bytes before the whole probe: most files
+    are not safetensors, and re-chunking a change should not read the file's first MiB."""
+    head = read(0, min(size, SNIFF_BYTES))
+    if len(head) < SNIFF_BYTES or head[HEADER_LEN.size] != ord("{"):
+        return parse_layout(head, size, read, complete)  # None: not a safetensors file
+    return parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, complete)
+
+
+@functools.lru_cache(maxsize=64)
+def zero_chunk_id(length: int) -> bytes:
+    """The id of a chunk of ``length`` zeros (holes of sparse files are made of them)."""
+    return blake3.blake3(bytes(length)).digest()

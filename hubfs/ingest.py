@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import blake3
 
 from . import compression
-from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan
+from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chunk_id
 from .compression import Codec
 from .contents import EMPTY, PreparedContent, content_id
 from .index import ContentTable, Index
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Chunks looked up per read transaction: short transactions keep LMDB from pinning old pages.
 LOOKUP_BATCH = 256
+# Read this far past the next offset where re-chunking may meet the old cuts again.
+REALIGN_MARGIN_BYTES = 64 * 1024
 # Zeros of holes, stored when a file's zero chunk is new (a chunk is at most 64 MiB here).
 ZEROS = memoryview(bytes(4 * 1024 * 1024))
 
@@ -70,8 +72,8 @@ class _Known:
         self.hole_starts = [start for start, _ in reuse.holes]
         self.zero_cut = zero_cut
         # A window longer than the largest chunk holds a real cut before its edge, so each
-        # read moves chunking on; past the next known offset by that much, it can realign there.
-        self.least = params.max_bytes + params.min_bytes
+        # read moves chunking on; one a little past the next known offset can realign there.
+        self.least = params.max_bytes + REALIGN_MARGIN_BYTES
         self.window = max(window, self.least)
         self.take = take  # (old chunk id, span) or (None, span of zeros)
 
@@ -103,7 +105,7 @@ class _Known:
         k = bisect.bisect_right(self.hole_starts, pos)
         ahead = min(self.reuse.starts[j] if j < len(self.reuse.starts) else limit,
                     self.hole_starts[k] if k < len(self.hole_starts) else limit, limit)
-        return pos, min(self.window, max(ahead - pos + self.least, self.least))
+        return pos, min(self.window, max(ahead - pos + REALIGN_MARGIN_BYTES, self.least))
 
 
 @dataclass(frozen=True)
@@ -125,15 +127,11 @@ class Ingestor:
         self._local = threading.local()
         self._pending: dict[bytes, ChunkLocation] = {}
         self._pending_lock = threading.Lock()
-        self._zero_ids: dict[int, bytes] = {}  # ids are pure functions: racing writers agree
         self._zero_block_sums: dict[int, tuple[int, ...]] = {}
 
     def _zero_id(self, length: int) -> bytes:
         """The id of a chunk of zeros (sparse files hold many, of few lengths)."""
-        chunk_id = self._zero_ids.get(length)
-        if chunk_id is None:
-            chunk_id = self._zero_ids[length] = blake3.blake3(bytes(length)).digest()
-        return chunk_id
+        return zero_chunk_id(length)
 
     def _zero_sums(self, length: int) -> tuple[int, ...]:
         sums = self._zero_block_sums.get(length)

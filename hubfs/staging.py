@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chunking import zero_chunk_id
 from .ingest import Reuse
 from .packs import fsync_directory
 
@@ -217,11 +218,18 @@ def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: Chunk
             j = bisect.bisect_right(lay.base_starts, pos) - 1
             chunk_start = lay.base_starts[j]
             stop = min(stop, chunk_start + lay.base_lengths[j])
-            pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))
+            if lay.base_ids[j] == zero_chunk_id(lay.base_lengths[j]):  # a stored hole
+                pieces.append(_zeros(stop - pos))
+            else:
+                pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))
         else:  # a hole: zeros without allocating them
-            pieces.append(ZEROS[: stop - pos] if stop - pos <= len(ZEROS) else bytes(stop - pos))
+            pieces.append(_zeros(stop - pos))
         pos = stop
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _zeros(length: int) -> bytes | memoryview:
+    return ZEROS[:length] if length <= len(ZEROS) else bytes(length)
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
