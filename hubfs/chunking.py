@@ -9,7 +9,6 @@ other parameters would cut the same bytes differently and silently stop deduplic
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -85,6 +84,7 @@ class Chunker:
         )
         # CDC restarts at each cut, so zeros are cut into equal pieces: found once, here.
         self._zero_cut = next(iter(self._cdc.cut_buf(bytes(2 * params.max_bytes)))).length
+        zero_chunk_id(self._zero_cut)
 
     def _cuts(self, data: memoryview) -> tuple[list[tuple[int, int]], bool]:
         """(offset, length) of the CDC chunks of ``data``, and whether it is all zeros (a hole
@@ -194,7 +194,26 @@ def _layout(read: Callable[[int, int], bytes | memoryview], size: int, complete:
     return parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, complete)
 
 
-@functools.lru_cache(maxsize=64)
 def zero_chunk_id(length: int) -> bytes:
     """The id of a chunk of ``length`` zeros (holes of sparse files are made of them)."""
-    return blake3.blake3(bytes(length)).digest()
+    chunk_id = _ZERO_IDS.get(length)
+    if chunk_id is None:
+        if len(_ZERO_IDS) >= ZERO_IDS_KEPT:
+            _ZERO_IDS.clear()
+            _ZERO_LENGTHS.clear()
+        chunk_id = blake3.blake3(bytes(length)).digest()
+        _ZERO_LENGTHS[chunk_id] = length
+        _ZERO_IDS[length] = chunk_id
+    return chunk_id
+
+
+def known_zero_chunk(chunk_id: bytes) -> bool:
+    """Whether ``chunk_id`` is a chunk of zeros this process has named (a cheap test, for
+    reads: one it has not named yet reads from its pack, which is merely slower)."""
+    return chunk_id in _ZERO_LENGTHS
+
+
+# zero chunk ids by length and back; plain dicts (one step each under the GIL), kept small
+ZERO_IDS_KEPT = 4096
+_ZERO_IDS: dict[int, bytes] = {}
+_ZERO_LENGTHS: dict[bytes, int] = {}

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chunking import zero_chunk_id
+from .chunking import known_zero_chunk
 from .ingest import Reuse
 from .packs import fsync_directory
 
@@ -218,7 +218,7 @@ def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: Chunk
             j = bisect.bisect_right(lay.base_starts, pos) - 1
             chunk_start = lay.base_starts[j]
             stop = min(stop, chunk_start + lay.base_lengths[j])
-            if lay.base_ids[j] == zero_chunk_id(lay.base_lengths[j]):  # a stored hole
+            if known_zero_chunk(lay.base_ids[j]):  # a stored hole
                 pieces.append(_zeros(stop - pos))
             else:
                 pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))

@@ -238,7 +238,9 @@ class FileSystem:
         self._check_writable(ino)
         self.writeback.truncate(ino, inode, size)
         if not self.open_files.writers(ino):  # truncate(2) by path: no close will commit it
-            await self.writeback.commit(ino)
+            # stored in the background, as after a close: the staging (and its sidecar) hold
+            # the truncation until then, and recovery stores it after a crash
+            await self.writeback.closed(ino)
 
     # -- xattrs
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
