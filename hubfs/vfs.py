@@ -72,7 +72,7 @@ import trio
 from .errors import FsError
 from .index import Inode
 from .materialise import DEFAULT_BUDGET_BYTES, Materialiser
-from .names import Names
+from .names import Caller, Names
 from .openfiles import OpenFiles, Served
 from .passthrough import BackingTable
 from .passthrough import enabled as passthrough_enabled
@@ -122,6 +122,9 @@ class FileSystem:
         self.store = store
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.names = Names(store, policy or Policy())
+        # The kernel left dropping setuid/setgid bits and capabilities to us (killpriv v2):
+        # set by the FUSE adapter once the kernel has answered.
+        self.kills_privileges = False
         self.open_files = OpenFiles()
         self.backing = BackingTable(
             "the mount was asked for checked reads (--checked-reads): the daemon serves and "
@@ -220,13 +223,21 @@ class FileSystem:
     # -- attributes
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None,
-                      atime_ns: int | None = None, mtime_ns: int | None = None) -> Attributes:
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      caller: Caller | None = None, kill_suidgid: bool = False) -> Attributes:
+        """``kill_suidgid``: the kernel says (killpriv v2) that the caller of this truncate
+        lacks CAP_FSETID, or that this is a chown."""
         if size is not None:
             await self.truncate(ino, size)
         if mtime_ns is not None:
             self.writeback.set_mtime(ino, mtime_ns)
         inode = self.names.set_attributes(ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
                                           mtime_ns=mtime_ns)
+        chown = uid is not None or gid is not None
+        if self.kills_privileges and caller is not None and (size is not None or chown):
+            self.names.drop_privileges(ino, caller, chown=chown,
+                                       capable=None if chown else not kill_suidgid)
+            inode = self.names.inode(ino)
         return self._attributes(ino, inode)
 
     async def truncate(self, ino: int, size: int) -> None:
@@ -268,7 +279,7 @@ class FileSystem:
         self.writeback.for_write(ino, inode, keep=False)
         return self._open_reply(ino, inode.content_id, True), self._attributes(ino, inode)
 
-    async def open(self, ino: int, flags: int) -> OpenReply:
+    async def open(self, ino: int, flags: int, caller: Caller | None = None) -> OpenReply:
         inode = self.names.inode(ino)
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
@@ -285,6 +296,9 @@ class FileSystem:
                                                    self.backing.sources().__contains__)
         if flags & os.O_TRUNC and writable:
             self.writeback.truncate(ino, inode, 0)
+            if self.kills_privileges and caller is not None:
+                self.names.drop_privileges(ino, caller)
+                inode = self.names.inode(ino)
         return self._open_reply(ino, inode.content_id, writable)
 
     def _open_reply(self, ino: int, content_id: bytes, writable: bool) -> OpenReply:
@@ -358,10 +372,13 @@ class FileSystem:
             data = await self._thread(self.store.reader.read, content_id, offset, size)
         return data
 
-    async def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes, caller: Caller | None = None
+                    ) -> int:
         handle = self.open_files.handle(fh)
         if not handle.writable:
             raise FsError(errno.EBADF)
+        if self.kills_privileges and caller is not None:
+            self.names.drop_privileges(handle.ino, caller)
         if self.writeback.staged(handle.ino) is None:
             self.writeback.for_write(handle.ino, self.names.inode(handle.ino), keep=True)
         return await self.writeback.write(handle.ino, offset, data)
