@@ -442,10 +442,10 @@ class Staging:
         os.write(self._sidecar_fd, record)
 
     def _drop_sidecar(self) -> None:
-        if self._sidecar_fd >= 0:
+        if self._sidecar_fd >= 0:  # a sidecar exists only while it is open (see _replay)
             os.close(self._sidecar_fd)
             self._sidecar_fd = -1
-        self.sidecar.unlink(missing_ok=True)
+            self.sidecar.unlink(missing_ok=True)
 
     @classmethod
     def reopen(cls, path: Path, content_chunks: ContentChunks) -> Staging:

@@ -377,7 +377,8 @@ class FileSystem:
         handle = self.open_files.handle(fh)
         if not handle.writable:
             raise FsError(errno.EBADF)
-        if self.kills_privileges and caller is not None:
+        if self.kills_privileges and caller is not None and caller.pid:
+            # (pid 0: the kernel writing back an mmap'd page; Linux drops nothing for those)
             self.names.drop_privileges(handle.ino, caller)
         if self.writeback.staged(handle.ino) is None:
             self.writeback.for_write(handle.ino, self.names.inode(handle.ino), keep=True)
