@@ -104,20 +104,24 @@ def caller(ctx: Any) -> Caller | None:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False  # the kernel refuses passthrough with it
-    # Read by the patched pyfuse3: the kernel then neither asks for security.capability before
-    # each write nor for the attributes before each chown; setuid/setgid bits and file
-    # capabilities are dropped here instead (Names.drop_privileges), which needs the writer.
-    handle_killpriv_v2 = True
-    write_context = True
+    write_context = True  # read by the patched pyfuse3: write() gets the writer
 
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
         self.enable_passthrough = fs.backing.refused is None  # read by the patched pyfuse3
+        # Killpriv v2 (patched pyfuse3): the kernel then neither asks for security.capability
+        # before each write nor for the attributes before each chown, and setuid/setgid bits
+        # and file capabilities are dropped here (Names.drop_privileges), on the WRITE
+        # requests. A kernel-written file (passthrough) sends none: the kernel's own
+        # file_remove_privs then asks for a setattr that killpriv turns into nothing, and a
+        # setuid file written by another user would keep its bit. So only without passthrough.
+        self.handle_killpriv_v2 = not self.enable_passthrough
 
     def init(self) -> None:
         killpriv = getattr(pyfuse3, "killpriv_v2_enabled", None)
         self.fs.kills_privileges = bool(killpriv and killpriv())
+        log.info("killpriv v2: %s", "on" if self.fs.kills_privileges else "off")
         on, why = self.fs.backing.status()  # the kernel has answered by now
         log.info("reads: %s (%s)", "kernel-served for files with an object" if on
                  else "served by the daemon", why)

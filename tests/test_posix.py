@@ -1194,10 +1194,36 @@ def test_setuid_setgid_and_capabilities_dropped_as_ext4_drops_them(
     capabilities go with any of these."""
     store = tmp_path / "store"
     Store.init(store)
-    mounted = mount_store(store, tmp_path / "mnt", "--allow-other")
+    # --checked-reads: no passthrough, so every write reaches the daemon and killpriv is on
+    mounted = mount_store(store, tmp_path / "mnt", "--allow-other", "--checked-reads")
     try:
         expected = on_ext4_and_mount(tmp_path, mounted, privilege_scenario)
         assert ("write-user", "0o777", "ENODATA") in expected  # ext4 did drop them
+    finally:
+        unmount_and_check(mounted, request)
+    assert "killpriv v2: on" in mounted.log()
+
+
+def test_kernel_written_setuid_file_loses_the_bit(tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
+    """A file the kernel writes straight into its staging file (passthrough) sends no WRITE:
+    the kernel's own check must still drop setuid when another user writes it."""
+
+    def scenario(root: Path) -> list[str]:
+        path = root / "f"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(fd, 0o4777)
+        as_nobody(lambda: os.write(fd, b"by nobody"))
+        mode = oct(stat.S_IMODE(os.fstat(fd).st_mode))
+        os.close(fd)
+        settle(root)
+        return [mode, oct(stat.S_IMODE(os.stat(path).st_mode)), path.read_text()]
+
+    store = tmp_path / "store"
+    Store.init(store)
+    mounted = mount_store(store, tmp_path / "mnt", "--allow-other")
+    try:
+        assert on_ext4_and_mount(tmp_path, mounted, scenario)[0] == "0o777"
     finally:
         unmount_and_check(mounted, request)
 
