@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import HubfsMount, Measurement, _filesystem, machine_facts, write_result
+from common import HubfsMount, Measurement, filesystem_of, machine_facts, write_result
 
 log = logging.getLogger("bench.fsstress")
 
@@ -143,7 +143,7 @@ def main() -> int:
                         if row["hubfs_s"] and row["native_s"] else None)
         row["target_ratio"] = TARGET_FSSTRESS_RATIO if name.startswith("fsstress") else None
         rows.append(row)
-    fs_type = _filesystem(work)["type"]
+    fs_type = filesystem_of(work)["type"]
     print(f"\nnative: {native} on {fs_type}; hubfs: {mount.path} (same disk)")
     for row in rows:
         def fmt(side: str, row: dict[str, Any] = row) -> str:

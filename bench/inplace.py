@@ -39,7 +39,7 @@ from common import (
     MIB,
     HubfsMount,
     Measurement,
-    _filesystem,
+    filesystem_of,
     machine_facts,
     syncfs,
     write_result,
@@ -178,7 +178,7 @@ def main() -> int:
                          "target_ratio": None,
                          "target_s": TARGET_CLOSE_S if not suffix and label == "write+close"
                          else None})
-    fs_type = _filesystem(work)["type"]
+    fs_type = filesystem_of(work)["type"]
     print(f"\n4 KiB into a {args.size_mib} MiB file; native on {fs_type} (same disk); "
           f"median of {args.repeats}")
     for row in rows:

@@ -44,7 +44,7 @@ from common import (
     CpuMeter,
     HubfsMount,
     Measurement,
-    _filesystem,
+    filesystem_of,
     machine_facts,
     syncfs,
     wait_quiet,
@@ -275,7 +275,7 @@ def main() -> int:
                              "ratio": (round(synced["hubfs"] / synced["native"], 2)
                                        if synced["hubfs"] and synced["native"] else None),
                              "target_ratio": None})
-    fs_type = _filesystem(work)["type"]
+    fs_type = filesystem_of(work)["type"]
     print(f"\nnative: {native_root} on {fs_type}; hubfs: {mount.path}, store {mount.store} "
           f"(same disk)")
     print(f"{'phase':20s} {'ops':>6s} {'native s':>9s} {'hubfs s':>9s} {'native/s':>9s} "

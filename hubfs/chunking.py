@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import blake3
 import numpy as np
 from pyfastcdc.cy import FastCDC
 
-from .tensor_layout import HEADER_PROBE_BYTES, TensorSpan, parse_layout
+from .tensor_layout import HEADER_LEN, HEADER_PROBE_BYTES, TensorSpan, parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,22 @@ class ChunkSpan:
     zero: bool = field(default=False, compare=False)  # all zeros (a hole of a sparse file)
 
 
+class Skip(Protocol):
+    """What a caller of ``Chunker.stream`` already knows about a file being chunked again."""
+
+    def __call__(self, pos: int, limit: int, elem_width: int) -> tuple[int, int]:
+        """At final cut ``pos``: take whatever chunks are known from there (ending at or
+        before ``limit``, the end of the tensor or file) and return where chunking resumes
+        and how many bytes it should read next."""
+        ...
+
+    def wants(self, pos: int, limit: int) -> bool:
+        """Whether a call at final cut ``pos`` would take chunks (cheap: asked per chunk)."""
+        ...
+
+
+# Bytes read first to tell a safetensors file from any other (its length, then "{").
+SNIFF_BYTES = HEADER_LEN.size + 2
 # Bytes chunked per step when streaming a file: bounds memory whatever the file size.
 WINDOW_BYTES = 64 * 1024 * 1024
 # Where a still-growing file ends, as far as chunking knows.
@@ -67,6 +84,7 @@ class Chunker:
         )
         # CDC restarts at each cut, so zeros are cut into equal pieces: found once, here.
         self._zero_cut = next(iter(self._cdc.cut_buf(bytes(2 * params.max_bytes)))).length
+        zero_chunk_id(self._zero_cut)
 
     def _cuts(self, data: memoryview) -> tuple[list[tuple[int, int]], bool]:
         """(offset, length) of the CDC chunks of ``data``, and whether it is all zeros (a hole
@@ -85,12 +103,17 @@ class Chunker:
     def header_end(self, read: Callable[[int, int], bytes | memoryview], size: int) -> int:
         """Where the first tensor starts in a safetensors file (0 for any other file): a
         change before it may move every tensor boundary."""
-        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, True)
+        layout = _layout(read, size, True)
         return layout[0].end if layout else 0
 
+    @property
+    def zero_cut(self) -> int:
+        """Length of every CDC chunk that starts at a cut and is all zeros."""
+        return self._zero_cut
+
     def stream(self, read: Callable[[int, int], bytes | memoryview], size: int,
-               start: int = 0, final: bool = True, window_bytes: int = WINDOW_BYTES
-               ) -> Iterator[tuple[ChunkSpan, memoryview]]:
+               start: int = 0, final: bool = True, window_bytes: int = WINDOW_BYTES,
+               skip: Skip | None = None) -> Iterator[tuple[ChunkSpan, memoryview]]:
         """Chunks of a file of ``size`` bytes read through ``read(offset, length)``.
 
         Each window is cut by CDC and every chunk but the window's last is final: FastCDC's cut
@@ -99,6 +122,11 @@ class Chunker:
         file there. With ``final`` False the file is still growing: the chunk running into the
         end of what is written is held back, and tensor boundaries come from the header even
         where the tensors are not written yet.
+
+        ``skip`` (only with ``final``) is asked at every final cut whether the caller already
+        knows the chunks from there (stored chunks of unchanged bytes, zeros of a hole); see
+        ``Skip``. Chunking goes on where it says, so a file with a few scattered changes is
+        read only around them.
         """
         for seg in self._segments(read, size, final):
             if seg.end <= start:
@@ -106,7 +134,12 @@ class Chunker:
             pos = max(seg.start, start)
             avail = min(seg.end, size)
             while pos < avail:
-                end = min(pos + window_bytes, avail)
+                want = window_bytes
+                if skip is not None:
+                    pos, want = skip(pos, avail, seg.elem_width)
+                    if pos >= avail:
+                        break
+                end = min(pos + max(want, 1), avail)
                 data = memoryview(read(pos, end - pos))
                 if not data:
                     return
@@ -121,7 +154,11 @@ class Chunker:
                 for offset, length in cuts:
                     yield (ChunkSpan(pos + offset, length, seg.elem_width, zero),
                            data[offset : offset + length])
-                pos += sum(length for _, length in cuts)
+                    if skip is not None and skip.wants(pos + offset + length, avail):
+                        pos += offset + length  # a final cut: the caller takes it from here
+                        break
+                else:
+                    pos += sum(length for _, length in cuts)
                 if growing:
                     return
 
@@ -130,7 +167,7 @@ class Chunker:
         if size == 0:
             return []
         end = size if final else UNKNOWN_END
-        layout = parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, final)
+        layout = _layout(read, size, final)
         if not layout:
             return [TensorSpan(0, end, 0)]
         segments: list[TensorSpan] = []
@@ -145,3 +182,38 @@ class Chunker:
         if pos < end:
             segments.append(TensorSpan(pos, end, 0))
         return segments
+
+
+def _layout(read: Callable[[int, int], bytes | memoryview], size: int, complete: bool
+            ) -> list[TensorSpan] | None:
+    """``parse_layout`` of a file, reading its first bytes before the whole probe: most files
+    are not safetensors, and re-chunking a change should not read the file's first MiB."""
+    head = read(0, min(size, SNIFF_BYTES))
+    if len(head) < SNIFF_BYTES or head[HEADER_LEN.size] != ord("{"):
+        return parse_layout(head, size, read, complete)  # None: not a safetensors file
+    return parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, complete)
+
+
+def zero_chunk_id(length: int) -> bytes:
+    """The id of a chunk of ``length`` zeros (holes of sparse files are made of them)."""
+    chunk_id = _ZERO_IDS.get(length)
+    if chunk_id is None:
+        if len(_ZERO_IDS) >= ZERO_IDS_KEPT:
+            _ZERO_IDS.clear()
+            _ZERO_LENGTHS.clear()
+        chunk_id = blake3.blake3(bytes(length)).digest()
+        _ZERO_LENGTHS[chunk_id] = length
+        _ZERO_IDS[length] = chunk_id
+    return chunk_id
+
+
+def known_zero_chunk(chunk_id: bytes) -> bool:
+    """Whether ``chunk_id`` is a chunk of zeros this process has named (a cheap test, for
+    reads: one it has not named yet reads from its pack, which is merely slower)."""
+    return chunk_id in _ZERO_LENGTHS
+
+
+# zero chunk ids by length and back; plain dicts (one step each under the GIL), kept small
+ZERO_IDS_KEPT = 4096
+_ZERO_IDS: dict[int, bytes] = {}
+_ZERO_LENGTHS: dict[bytes, int] = {}

@@ -21,6 +21,7 @@ import pyfuse3
 
 from . import namespace, passthrough
 from .errors import FsError, IntegrityError, StoreFullError
+from .names import Caller
 from .vfs import Attributes, FileSystem, OpenReply
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,31 @@ def file_info(reply: OpenReply, flags: int) -> pyfuse3.FileInfo:
                                  bool(flags & os.O_DIRECT))
 
 
+def caller(ctx: Any) -> Caller | None:
+    return None if ctx is None else Caller(ctx.pid, ctx.uid, ctx.gid)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False  # the kernel refuses passthrough with it
+    write_context = True  # read by the patched pyfuse3: write() gets the writer
 
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
         self.enable_passthrough = fs.backing.refused is None  # read by the patched pyfuse3
+        # Killpriv v2 (patched pyfuse3): the kernel then neither asks for security.capability
+        # before each write nor for the attributes before each chown, and setuid/setgid bits
+        # and file capabilities are dropped here (Names.drop_privileges), on the WRITE
+        # requests. A kernel-written file (passthrough) sends none: the kernel's own
+        # file_remove_privs then asks for a setattr that killpriv turns into nothing, and a
+        # setuid file written by another user would keep its bit. So only without passthrough.
+        self.handle_killpriv_v2 = not self.enable_passthrough
 
     def init(self) -> None:
+        killpriv = getattr(pyfuse3, "killpriv_v2_enabled", None)
+        self.fs.kills_privileges = bool(killpriv and killpriv())
+        log.info("killpriv v2: %s", "on" if self.fs.kills_privileges else "off")
         on, why = self.fs.backing.status()  # the kernel has answered by now
         log.info("reads: %s (%s)", "kernel-served for files with an object" if on
                  else "served by the daemon", why)
@@ -154,7 +170,9 @@ class Operations(pyfuse3.Operations):
                 (fields.update_size, "size", attr.st_size)):
             if wanted:
                 kwargs[key] = value
-        return entry(await self.fs.setattr(inode, **kwargs))
+        kill = bool(getattr(fields, "kill_suidgid", False))  # killpriv v2 (patched pyfuse3)
+        return entry(await self.fs.setattr(inode, **kwargs, caller=caller(ctx),
+                                           kill_suidgid=kill))
 
     @request
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -226,15 +244,15 @@ class Operations(pyfuse3.Operations):
 
     @request
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        return file_info(await self.fs.open(inode, flags), flags)
+        return file_info(await self.fs.open(inode, flags, caller(ctx)), flags)
 
     @request
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.fs.read(fh, off, size)
 
     @request
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.fs.write(fh, off, buf)
+    async def write(self, fh: int, off: int, buf: bytes, ctx: Any = None) -> int:
+        return await self.fs.write(fh, off, buf, caller(ctx))
 
     async def flush(self, fh: int) -> None:
         # Nothing to do at close(): data is stored at release. ENOSYS tells the kernel to stop

@@ -9,16 +9,17 @@ same bytes in this process reuses them instead of writing them again.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import blake3
 
 from . import compression
-from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan
+from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chunk_id
 from .compression import Codec
 from .contents import EMPTY, PreparedContent, content_id
 from .index import ContentTable, Index
@@ -29,28 +30,82 @@ log = logging.getLogger(__name__)
 
 # Chunks looked up per read transaction: short transactions keep LMDB from pinning old pages.
 LOOKUP_BATCH = 256
-# Read window while re-chunking around a small change: a few chunks, not 64 MiB.
-RESYNC_WINDOW_BYTES = 8 * 1024 * 1024
+# Read this far past the next offset where re-chunking may meet the old cuts again.
+REALIGN_MARGIN_BYTES = 64 * 1024
+# Zeros of holes, stored when a file's zero chunk is new (a chunk is at most 64 MiB here).
+ZEROS = memoryview(bytes(4 * 1024 * 1024))
 
 
 @dataclass(frozen=True)
 class Reuse:
-    """Stored chunks a new version of a file keeps: ``head`` up to the first changed byte,
-    then, once chunking after the last change cuts where the old content cut (at an offset
-    in ``tail_at``), that old chunk and all after it. Storing a 4 KiB write into a 1 GiB file
-    then chunks a few MiB, not the whole file."""
+    """What storing a new version of a file may take without reading it: chunks of the old
+    version whose bytes did not change, and holes (ranges never written, zeros).
 
-    head_ids: tuple[bytes, ...] = ()
-    head_lengths: tuple[int, ...] = ()
-    first_change: int = 0
-    tail_from: int = 0  # no tail cut is taken before this offset
-    tail_ids: tuple[bytes, ...] = ()
-    tail_lengths: tuple[int, ...] = ()
-    tail_at: dict[int, int] = field(default_factory=dict)  # cut offset -> index in tail_ids
+    Chunking runs from each change and stops as soon as it cuts where a kept old chunk starts:
+    FastCDC's cuts depend only on the bytes since the last cut, so from there on it would cut
+    the old chunks again. In a hole, each chunk that starts at a cut is ``Chunker.zero_cut``
+    zeros, named without reading them. A 4 KiB write into a 1 GiB file, or a few writes
+    scattered over it, then chunk a few MiB around each, not the file."""
 
-    @property
-    def restart(self) -> int:
-        return sum(self.head_lengths)
+    starts: tuple[int, ...] = ()  # old chunks that may be kept: offsets, ids, lengths
+    ids: tuple[bytes, ...] = ()
+    lengths: tuple[int, ...] = ()
+    holes: tuple[tuple[int, int], ...] = ()  # sorted, disjoint [start, end): zeros
+    first_change: int = 0  # the first byte that may differ from the old version
+
+    def up_to(self, offset: int) -> Reuse:
+        """Only the old chunks that end by ``offset`` (a changed safetensors header may move
+        every tensor boundary after it, and chunks are cut at those)."""
+        keep = sum(1 for s, n in zip(self.starts, self.lengths, strict=True) if s + n <= offset)
+        return Reuse(self.starts[:keep], self.ids[:keep], self.lengths[:keep], self.holes,
+                     self.first_change)
+
+
+class _Known:
+    """``chunking.Skip`` over a ``Reuse``: hands known chunks to ``take`` and says how far
+    to read next (to just past the next place chunking may realign, at most ``window``)."""
+
+    def __init__(self, reuse: Reuse, zero_cut: int, params: ChunkerParams, window: int,
+                 take: Callable[[bytes | None, ChunkSpan], None]) -> None:
+        self.reuse = reuse
+        self.at = {start: i for i, start in enumerate(reuse.starts)}
+        self.hole_starts = [start for start, _ in reuse.holes]
+        self.zero_cut = zero_cut
+        # A window longer than the largest chunk holds a real cut before its edge, so each
+        # read moves chunking on; one a little past the next known offset can realign there.
+        self.least = params.max_bytes + REALIGN_MARGIN_BYTES
+        self.window = max(window, self.least)
+        self.take = take  # (old chunk id, span) or (None, span of zeros)
+
+    def _hole_end(self, pos: int) -> int:
+        i = bisect.bisect_right(self.hole_starts, pos) - 1
+        return self.reuse.holes[i][1] if i >= 0 and pos < self.reuse.holes[i][1] else pos
+
+    def wants(self, pos: int, limit: int) -> bool:
+        i = self.at.get(pos)
+        if i is not None and pos + self.reuse.lengths[i] <= limit:
+            return True
+        return pos + self.zero_cut <= min(self._hole_end(pos), limit)
+
+    def __call__(self, pos: int, limit: int, elem_width: int) -> tuple[int, int]:
+        while True:
+            i = self.at.get(pos)
+            if i is not None and pos + self.reuse.lengths[i] <= limit:
+                self.take(self.reuse.ids[i], ChunkSpan(pos, self.reuse.lengths[i], elem_width))
+                pos += self.reuse.lengths[i]
+                continue
+            hole_end = min(self._hole_end(pos), limit)
+            if pos + self.zero_cut > hole_end:
+                break
+            while pos + self.zero_cut <= hole_end:
+                self.take(None, ChunkSpan(pos, self.zero_cut, elem_width, True))
+                pos += self.zero_cut
+        # read to just past the next offset where chunking may take known chunks again
+        j = bisect.bisect_right(self.reuse.starts, pos)
+        k = bisect.bisect_right(self.hole_starts, pos)
+        ahead = min(self.reuse.starts[j] if j < len(self.reuse.starts) else limit,
+                    self.hole_starts[k] if k < len(self.hole_starts) else limit, limit)
+        return pos, min(self.window, max(ahead - pos + REALIGN_MARGIN_BYTES, self.least))
 
 
 @dataclass(frozen=True)
@@ -72,14 +127,17 @@ class Ingestor:
         self._local = threading.local()
         self._pending: dict[bytes, ChunkLocation] = {}
         self._pending_lock = threading.Lock()
-        self._zero_ids: dict[int, bytes] = {}  # ids are pure functions: racing writers agree
+        self._zero_block_sums: dict[int, tuple[int, ...]] = {}
 
     def _zero_id(self, length: int) -> bytes:
         """The id of a chunk of zeros (sparse files hold many, of few lengths)."""
-        chunk_id = self._zero_ids.get(length)
-        if chunk_id is None:
-            chunk_id = self._zero_ids[length] = blake3.blake3(bytes(length)).digest()
-        return chunk_id
+        return zero_chunk_id(length)
+
+    def _zero_sums(self, length: int) -> tuple[int, ...]:
+        sums = self._zero_block_sums.get(length)
+        if sums is None:
+            sums = self._zero_block_sums[length] = block_sums(bytes(length))
+        return sums
 
     def _chunker(self) -> Chunker:
         chunker = getattr(self._local, "chunker", None)
@@ -106,18 +164,19 @@ class Ingestor:
                        new_object: Callable[[], int] | None = None) -> PreparedContent:
         """Chunk a file and append the chunks the store lacks; the index is not changed.
 
-        With ``reuse`` (a new version of a stored or partly stored file), its head chunks are
-        kept, chunking starts at their end, and stops where it cuts where the old tail did.
+        With ``reuse`` (a new version of a stored or partly stored file, or one with holes),
+        only the changed ranges are read and chunked.
         With ``new_object`` (the bytes ``read`` reads are one file the caller can make an
         object of), a large file is stored by ``prepare_whole``."""
-        if new_object is not None and size >= OBJECT_MIN_BYTES and reuse is None:
-            return self.prepare_whole(read, size, new_object)
         reuse = reuse or Reuse()
-        ids, lengths = list(reuse.head_ids), list(reuse.head_lengths)
-        if reuse.tail_ids and self._chunker().header_end(read, size) > reuse.first_change:
-            reuse = Reuse(reuse.head_ids, reuse.head_lengths, reuse.first_change)  # new layout
-        new, new_bytes = self.prepare_chunks(read, size, reuse.restart, True, ids, lengths,
-                                             progress, reuse)
+        if new_object is not None and size >= OBJECT_MIN_BYTES and not reuse.ids:
+            return self.prepare_whole(read, size, new_object, reuse.holes)
+        if (reuse.ids and reuse.starts[-1] + reuse.lengths[-1] > reuse.first_change
+                and self._chunker().header_end(read, size) > reuse.first_change):
+            reuse = reuse.up_to(reuse.first_change)  # a new tensor layout
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        new, new_bytes = self.prepare_chunks(read, size, 0, True, ids, lengths, progress, reuse)
         total = sum(lengths)
         if total == 0:
             return EMPTY
@@ -125,16 +184,28 @@ class Ingestor:
         return PreparedContent(content_id(total, ids), table, new, new_bytes)
 
     def prepare_whole(self, read: Callable[[int, int], bytes | memoryview], size: int,
-                      new_object: Callable[[], int]) -> PreparedContent:
+                      new_object: Callable[[], int],
+                      holes: tuple[tuple[int, int], ...] = ()) -> PreparedContent:
         """A file written from nothing, whole in one file that ``read`` reads: it becomes an
         object (hubfs.objects: the caller links the file in) when it qualifies; otherwise its
         missing chunks go to packs, as ``prepare_stream`` would put them.
 
         Hashing comes first and stores nothing, because whether the file qualifies depends on
-        how much of it the store already holds."""
-        hashed = [HashedChunk(self._zero_id(span.length) if span.zero
-                              else blake3.blake3(data).digest(), span, block_sums(data))
-                  for span, data in self._chunker().stream(read, size)]
+        how much of it the store already holds. ``holes`` are skipped, not read."""
+        chunker = self._chunker()
+        hashed: list[HashedChunk] = []
+
+        def take(_old: bytes | None, span: ChunkSpan) -> None:
+            hashed.append(HashedChunk(self._zero_id(span.length), span,
+                                      self._zero_sums(span.length)))
+
+        skip = (_Known(Reuse(holes=holes), chunker.zero_cut, self.params,
+                       WINDOW_BYTES, take) if holes else None)
+        for span, data in chunker.stream(read, size, skip=skip):
+            hashed.append(HashedChunk(self._zero_id(span.length) if span.zero
+                                      else blake3.blake3(data).digest(), span,
+                                      self._zero_sums(span.length) if span.zero
+                                      else block_sums(data)))
         ids = [h.chunk_id for h in hashed]
         total = sum(h.span.length for h in hashed)
         if total == 0:
@@ -169,8 +240,12 @@ class Ingestor:
         counts = [0]
         for h in missing.values():
             data = memoryview(read(h.span.offset, h.span.length))
-            if len(data) != h.span.length:
-                raise OSError(f"a file being stored shrank under its commit (at {h.span.offset})")
+            if len(data) != h.span.length or blake3.blake3(data).digest() != h.chunk_id:
+                # Written over (or cut) since it was hashed: never store these bytes under the
+                # old id. One pass over what is there now stores each chunk under its own id;
+                # the caller sees the write (its generation) and goes round again anyway.
+                log.debug("a file changed while it was stored; chunking it again")
+                return self.prepare_stream(read, size)
             self._store_missing([(h.chunk_id, h.span, data)], stored, counts, None)
         return PreparedContent(cid, table, stored, counts[0])
 
@@ -191,14 +266,26 @@ class Ingestor:
                        progress: Callable[[int], None] | None = None,
                        reuse: Reuse | None = None) -> tuple[dict[bytes, ChunkLocation], int]:
         """Chunk from ``start`` (a final cut), appending ids and lengths; returns the chunks
-        this call appended to packs (or found pending) and the stored bytes it added. With a
-        tail in ``reuse``, reads small windows and ends on the first cut the old tail shares."""
+        this call appended to packs (or found pending) and the stored bytes it added. With
+        ``reuse`` (only when ``final``), known chunks are taken instead of read and cut."""
         new: dict[bytes, ChunkLocation] = {}
         counts = [0]  # new stored bytes
         batch: list[tuple[bytes, ChunkSpan, memoryview]] = []
-        tail = reuse if reuse is not None and reuse.tail_ids else None
-        window = RESYNC_WINDOW_BYTES if tail else WINDOW_BYTES
-        for span, data in self._chunker().stream(read, size, start, final, window):
+        chunker = self._chunker()
+        skip: _Known | None = None
+        if reuse is not None and (reuse.ids or reuse.holes):
+
+            def take(old: bytes | None, span: ChunkSpan) -> None:
+                if old is None:  # zeros of a hole: stored like any chunk, if missing
+                    old = self._zero_id(span.length)
+                    zeros = (ZEROS[: span.length] if span.length <= len(ZEROS)
+                             else memoryview(bytes(span.length)))
+                    batch.append((old, span, zeros))
+                ids.append(old)
+                lengths.append(span.length)
+
+            skip = _Known(reuse, chunker.zero_cut, self.params, WINDOW_BYTES, take)
+        for span, data in chunker.stream(read, size, start, final, WINDOW_BYTES, skip):
             if batch and data.obj is not batch[-1][2].obj:
                 # A new chunker window: store the last window's chunks now, so the batch's
                 # views keep at most one window alive besides the one being cut.
@@ -208,12 +295,6 @@ class Ingestor:
             ids.append(chunk_id)
             lengths.append(span.length)
             batch.append((chunk_id, span, data))
-            end = span.offset + span.length
-            if tail and end >= tail.tail_from and end in tail.tail_at:
-                j = tail.tail_at[end]
-                ids.extend(tail.tail_ids[j:])
-                lengths.extend(tail.tail_lengths[j:])
-                break
             if len(batch) >= LOOKUP_BATCH:
                 self._store_missing(batch, new, counts, progress)
                 batch = []

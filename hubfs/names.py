@@ -13,6 +13,7 @@ import os
 import pwd
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from . import namespace
 from .errors import FsError
@@ -23,9 +24,61 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 XATTR_VALUE_MAX_BYTES = 64 * 1024
+# File capabilities: dropped, with the setuid/setgid bits, when a file changes (see
+# drop_privileges).
+CAPS_XATTR = b"security.capability"
+CAP_FSETID = 4  # linux/capability.h: may keep setuid/setgid bits on a file it writes
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 # relatime: an access is recorded when the last one is older than a change or than this
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process behind a request (from the kernel's request header). What it may do is read
+    from /proc only when a file has setuid/setgid bits to lose, which is rare."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def _status(self) -> dict[bytes, bytes]:
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                return dict(line.rstrip(b"\n").split(b":\t", 1) for line in f if b":\t" in line)
+        except OSError:
+            return {}  # gone meanwhile: it may do nothing (the bits go: the safe side)
+
+    def may_keep_privileges(self) -> bool:
+        """``capable(CAP_FSETID)``: the capability held in the initial user namespace."""
+        try:
+            caps = int(self._status().get(b"CapEff", b"0"), 16)
+            return bool(caps >> CAP_FSETID & 1) and (
+                os.readlink(f"/proc/{self.pid}/ns/user") == os.readlink("/proc/self/ns/user"))
+        except (OSError, ValueError):
+            return False
+
+    def in_group(self, gid: int) -> bool:
+        if gid == self.gid:
+            return True
+        return str(gid).encode() in self._status().get(b"Groups", b"").split()
+
+
+def privileges_to_drop(mode: int, gid: int, caller: Caller, *, chown: bool,
+                       capable: bool | None = None) -> int:
+    """The setuid/setgid bits Linux's VFS drops from a file of ``mode`` and group ``gid`` when
+    ``caller`` writes or truncates it, or (``chown``) gives it a new owner
+    (``setattr_should_drop_suidgid``, ``chown_common``). ``capable``: CAP_FSETID, when the
+    kernel has said already."""
+    if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return 0
+    fsetid = caller.may_keep_privileges() if capable is None else capable
+    if not chown and fsetid:
+        return 0
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not (fsetid or caller.in_group(gid))):
+        kill |= stat.S_ISGID
+    return kill
 
 
 class Names:
@@ -189,6 +242,27 @@ class Names:
             inode = current.with_(atime_ns=now)
             txn.put_inode(ino, inode)
         return inode
+
+    def drop_privileges(self, ino: int, caller: Caller, *, chown: bool = False,
+                        capable: bool | None = None) -> None:
+        """A file is written, truncated or given a new owner: drop what the kernel leaves to the
+        filesystem under FUSE_HANDLE_KILLPRIV_V2, as Linux's VFS would: its file capabilities
+        always, its setuid/setgid bits as ``privileges_to_drop`` says. One index read when
+        there is nothing to drop, which is nearly always."""
+        with self.store.read() as txn:
+            inode = txn.inode(ino)
+            if inode is None:
+                return
+            caps = txn.xattr(ino, CAPS_XATTR) is not None
+        kill = privileges_to_drop(inode.mode, inode.gid, caller, chown=chown, capable=capable)
+        if not kill and not caps:
+            return
+        with self.store.metadata_write() as txn:
+            current = namespace.get(txn, ino)
+            if caps:
+                txn.delete_xattr(ino, CAPS_XATTR)
+            txn.put_inode(ino, current.with_(mode=current.mode & ~kill,
+                                             ctime_ns=namespace.now_ns()))
 
     # -- xattrs
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chunking import known_zero_chunk
 from .ingest import Reuse
 from .packs import fsync_directory
 
@@ -160,30 +161,40 @@ class Snapshot:
         return read_layout(self.staging.fd, self.layout, offset, size, chunk_bytes)
 
     def reuse(self) -> Reuse:
-        """What storing this version may keep of the base (see ``Reuse``)."""
+        """What storing this version may take without reading (see ``Reuse``): the base
+        chunks no write or truncate touched, and the holes."""
         lay = self.layout
-        changed = [s for s, _ in lay.extents]
-        ends = [e for _, e in lay.extents]
-        if lay.base_valid < lay.size:
-            changed.append(lay.base_valid)
-            ends.append(lay.size)
-        first_change = min(changed, default=lay.size)
-        last_change = max(ends, default=0)
+        holes: list[tuple[int, int]] = []
+        pos = lay.base_valid  # below it, bytes are the base's or written
+        for start, end in lay.extents:
+            if start > pos:
+                holes.append((pos, start))
+            pos = max(pos, end)
+        if pos < lay.size:
+            holes.append((pos, lay.size))
+        first_change = min([s for s, _ in lay.extents]
+                           + ([lay.base_valid] if lay.base_valid < lay.size else []),
+                           default=lay.size)
+        # The last base chunk ends where the old file ended, not at a cut chunking would make
+        # again, unless the file still ends there or the base is a stored front (final cuts).
         eof_cut_ok = lay.base_final or lay.base_len == lay.size
-        head = 0
-        for i, (start, length) in enumerate(zip(lay.base_starts, lay.base_lengths, strict=True)):
-            last = i == len(lay.base_ids) - 1
-            if start + length > min(first_change, lay.base_valid) or (last and not eof_cut_ok):
+        starts: list[int] = []
+        ids: list[bytes] = []
+        lengths: list[int] = []
+        ext_starts = [s for s, _ in lay.extents]
+        last = len(lay.base_ids) - 1
+        for i, (start, length) in enumerate(zip(lay.base_starts, lay.base_lengths,
+                                                strict=True)):
+            end = start + length
+            if end > lay.base_valid or (i == last and not eof_cut_ok):
                 break
-            head = i + 1
-        reuse = Reuse(lay.base_ids[:head], lay.base_lengths[:head], first_change)
-        if lay.base_len != lay.size or lay.base_valid != lay.size or head == len(lay.base_ids):
-            return reuse
-        first_tail = bisect.bisect_left(lay.base_starts, max(last_change, first_change))
-        tail_at = {lay.base_starts[j]: j - first_tail
-                   for j in range(first_tail, len(lay.base_ids))}
-        return Reuse(reuse.head_ids, reuse.head_lengths, first_change, last_change,
-                     lay.base_ids[first_tail:], lay.base_lengths[first_tail:], tail_at)
+            j = bisect.bisect_left(ext_starts, end)  # extents starting before the chunk ends
+            if j and lay.extents[j - 1][1] > start:
+                continue  # written over
+            starts.append(start)
+            ids.append(lay.base_ids[i])
+            lengths.append(length)
+        return Reuse(tuple(starts), tuple(ids), tuple(lengths), tuple(holes), first_change)
 
 
 def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: ChunkBytes
@@ -207,11 +218,18 @@ def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: Chunk
             j = bisect.bisect_right(lay.base_starts, pos) - 1
             chunk_start = lay.base_starts[j]
             stop = min(stop, chunk_start + lay.base_lengths[j])
-            pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))
+            if known_zero_chunk(lay.base_ids[j]):  # a stored hole
+                pieces.append(_zeros(stop - pos))
+            else:
+                pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))
         else:  # a hole: zeros without allocating them
-            pieces.append(ZEROS[: stop - pos] if stop - pos <= len(ZEROS) else bytes(stop - pos))
+            pieces.append(_zeros(stop - pos))
         pos = stop
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _zeros(length: int) -> bytes | memoryview:
+    return ZEROS[:length] if length <= len(ZEROS) else bytes(length)
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
@@ -424,10 +442,10 @@ class Staging:
         os.write(self._sidecar_fd, record)
 
     def _drop_sidecar(self) -> None:
-        if self._sidecar_fd >= 0:
+        if self._sidecar_fd >= 0:  # a sidecar exists only while it is open (see _replay)
             os.close(self._sidecar_fd)
             self._sidecar_fd = -1
-        self.sidecar.unlink(missing_ok=True)
+            self.sidecar.unlink(missing_ok=True)
 
     @classmethod
     def reopen(cls, path: Path, content_chunks: ContentChunks) -> Staging:

@@ -98,8 +98,8 @@ class GroupSync:
 class WriteBack:
     def __init__(self, store: Store, step_bytes: int, limiter: trio.CapacityLimiter,
                  writers: Callable[[int], int],
-                 switched: Callable[[int, bytes], None], idle: Callable[[int], None]
-                 ) -> None:
+                 switched: Callable[[int, bytes], None], idle: Callable[[int], None],
+                 read_limiter: trio.CapacityLimiter | None = None) -> None:
         if store.ingestor is None or store.writer is None:
             raise ValueError("write-back needs a writable store")
         self.store = store
@@ -107,6 +107,8 @@ class WriteBack:
         self.step_bytes = step_bytes
         self.staging_dir = store.path / "staging"
         self._limiter = limiter
+        # reads and fsyncs (a request waits for them) need not queue behind storing
+        self._read_limiter = read_limiter or limiter
         self._writers = writers  # how many open handles may still write an inode
         self._switched = switched  # told when a commit gave an inode new content
         self._idle = idle  # told when a background commit is over (the inode may be unused)
@@ -206,7 +208,7 @@ class WriteBack:
                     staging.sync()
                     _check_room(self.store.path, staging)
 
-        await self._thread(sync)
+        await trio.to_thread.run_sync(sync, limiter=self._read_limiter)  # a request waits
 
     # -- reads of staged files
     def read(self, staging: Staging, offset: int, size: int) -> bytes:
@@ -221,7 +223,7 @@ class WriteBack:
             with staging.in_use() as alive:
                 return bytes(snap.read(offset, size, self._chunk_bytes)) if alive else None
 
-        return await self._thread(read)
+        return await trio.to_thread.run_sync(read, limiter=self._read_limiter)
 
     def _location(self, chunk_id: bytes) -> ChunkLocation:
         with self.store.read() as txn:
@@ -381,7 +383,7 @@ class WriteBack:
                 # The file may become its object, whose bytes must be durable before the
                 # index names it: the disk writes them while the CPU hashes them.
                 return _fsynced_while(staging.fd, lambda: self.ingestor.prepare_stream(
-                    read, snap.layout.size, new_object=objects.new_id))
+                    read, snap.layout.size, reuse=reuse, new_object=objects.new_id))
 
         async with self._prepared(prepare) as prepared:
             if prepared is None:

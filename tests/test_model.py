@@ -21,7 +21,7 @@ import trio
 from hubfs.compression import Codec
 from hubfs.index import ROOT_INO
 from hubfs.packs import PackFiles, PackWriter
-from hubfs.staging import INGEST_STEP_BYTES
+from hubfs.staging import INGEST_STEP_BYTES, Snapshot
 from hubfs.store import Store
 from hubfs.vfs import FileSystem
 from tests.engine_helpers import text_bytes
@@ -120,6 +120,27 @@ def test_reader_right_after_close_and_rename_sees_every_byte(store: Store) -> No
         assert await fs.read(fh, 0, len(data)) == data  # served from the stored content
         await fs.release(fh)
         assert await read_all(fs, b"model") == data
+
+    run(store, scenario)
+
+
+def test_overwrite_while_a_new_file_is_hashed_stores_no_wrong_chunk(store: Store) -> None:
+    """A new file is hashed first and its missing chunks are read again to be stored: bytes
+    overwritten in between must not be stored under the ids of the bytes hashed before (the
+    store's ``verify`` after the test would find such a record)."""
+    first = text_bytes(3 * MIB, 3)  # compressible: it goes to packs, not to an object
+    second = text_bytes(3 * MIB, 4)
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "kept_raw")  # between hashing and storing
+        _, ino = await write_file(fs, b"f", first)
+        await pause.wait_reached()
+        fh = (await fs.open(ino, os.O_WRONLY)).fh
+        await fs.write(fh, 0, second)
+        await fs.release(fh)
+        pause.go()
+        await fs.writeback.settle()
+        assert await read_all(fs, b"f") == second
 
     run(store, scenario)
 
@@ -260,6 +281,56 @@ def test_small_write_into_big_file_rechunks_only_around_it(store: Store) -> None
         assert inode is not None
         # the same bytes imported in one pass cut the same: dedup is not lost
         assert inode.content_id == store.ingestor.prepare(bytes(data)).content_id  # type: ignore[union-attr]
+
+    run(store, scenario)
+
+
+def test_scattered_writes_and_holes_are_read_only_around_them(store: Store) -> None:
+    """Storing a file again reads and cuts only around each change, not from the first to the
+    last, and reads no hole; what it stores cuts exactly as one pass over the bytes would."""
+    rng = random.Random(12)
+    data = bytearray(payload(48 * MIB, 12))
+    read_bytes = [0]
+    original_read = Snapshot.read
+
+    def counted(self: Snapshot, offset: int, size: int, chunk_bytes: Any) -> Any:
+        out = original_read(self, offset, size, chunk_bytes)
+        read_bytes[0] += len(out)
+        return out
+
+    async def scenario(fs: FileSystem) -> None:
+        _, ino = await write_file(fs, b"big", bytes(data), piece=4 * MIB)
+        await fs.writeback.settle()
+        Snapshot.read = counted  # type: ignore[method-assign]
+        try:
+            for round_ in range(4):
+                read_bytes[0] = 0
+                fh = (await fs.open(ino, os.O_RDWR)).fh
+                for offset in (3 * MIB + 5, 21 * MIB + 9, 40 * MIB + 1):
+                    piece = rng.randbytes(4096)
+                    await fs.write(fh, offset + round_ * 12_345, piece)
+                    data[offset + round_ * 12_345 : offset + round_ * 12_345 + 4096] = piece
+                if round_ == 1:  # extended far past its end: a 70 MiB hole, then a tail
+                    end = len(data) + 70 * MIB
+                    await fs.write(fh, end, b"tail")
+                    data.extend(bytes(70 * MIB) + b"tail")
+                if round_ == 2:  # cut into its last chunks, extended again: another hole
+                    await fs.setattr(ino, size=len(data) - 3 * MIB)
+                    del data[len(data) - 3 * MIB :]
+                    await fs.setattr(ino, size=len(data) + 9 * MIB)
+                    data.extend(bytes(9 * MIB))
+                await fs.release(fh)
+                await fs.writeback.settle()
+                # three changes cost a few chunks each (under 48 MiB lie between the first and
+                # the last), the headers probe 2 MiB; the holes cost nothing
+                assert read_bytes[0] < 32 * MIB, f"round {round_}: read {read_bytes[0]}"
+                with store.read() as txn:
+                    inode = txn.inode(ino)
+                assert inode is not None
+                assert inode.content_id == store.ingestor.prepare(bytes(data)).content_id  # type: ignore[union-attr]
+        finally:
+            Snapshot.read = original_read  # type: ignore[method-assign]
+        assert await read_all(fs, b"big") == bytes(data)
 
     run(store, scenario)
 

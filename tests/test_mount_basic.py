@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,11 @@ def test_copy_model_twice_stores_once(mounted: Mounted) -> None:
     for name in os.listdir(MODEL):
         if (MODEL / name).is_file():
             assert (mounted.path / "bob" / name).read_bytes() == (MODEL / name).read_bytes()
+    # closed files are stored in the background, and stats reads the index: wait for them
+    deadline = time.monotonic() + 30
+    while any((mounted.store / "staging").iterdir()):
+        assert time.monotonic() < deadline, "files stayed in staging"
+        time.sleep(0.02)
     stats = mounted.stats()
     one_copy = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert stats["logical_bytes"] == 2 * one_copy

@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -31,7 +32,8 @@ from typing import Any
 import pytest
 
 from hubfs.mount import mounts
-from tests.conftest import Mounted, mount_store, run_hubfs
+from hubfs.store import Store
+from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
 pytestmark = pytest.mark.mount
 
@@ -1119,6 +1121,111 @@ def test_xattrs_match_ext4(tmp_path: Path, mounted: Mounted) -> None:
     remount(mounted)  # the kernel bumps its cached ctime itself; the daemon's copy lasts
     assert os.stat(f).st_ctime_ns > before
     assert tree(mounted.path, times=False, inos=False) == local
+
+
+NOBODY = 65534
+# security.capability, VFS_CAP_REVISION_2: CAP_NET_BIND_SERVICE permitted
+FILE_CAPS = struct.pack("<IIIII", 0x02000000, 1 << 10, 0, 0, 0)
+
+
+def as_nobody(action: Callable[[], Any]) -> None:
+    """Run ``action`` in a child that gave up root (and with it CAP_FSETID)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def privilege_scenario(root: Path) -> list[tuple[str, str, Any]]:
+    """setuid/setgid bits and file capabilities after writes, truncates and chowns by root and
+    by another user, through descriptors root opened."""
+    cases: list[tuple[str, int, str, Callable[[int, Path], Any]]] = [
+        ("write-root", 0o6777, "", lambda fd, p: os.write(fd, b"y")),
+        ("write-root-caps", 0o6777, "caps", lambda fd, p: os.write(fd, b"y")),
+        ("write-user", 0o6777, "", lambda fd, p: as_nobody(lambda: os.write(fd, b"y"))),
+        ("write-user-sgid-nox", 0o2767, "", lambda fd, p: as_nobody(lambda: os.write(fd, b"y"))),
+        ("write-user-caps", 0o0666, "caps", lambda fd, p: as_nobody(lambda: os.write(fd, b"y"))),
+        ("ftruncate-root", 0o6777, "caps", lambda fd, p: os.ftruncate(fd, 3)),
+        ("ftruncate-user", 0o6777, "", lambda fd, p: as_nobody(lambda: os.ftruncate(fd, 3))),
+        ("truncate-root", 0o6777, "", lambda fd, p: os.truncate(p, 2)),
+        ("chown-root", 0o6777, "caps", lambda fd, p: os.chown(p, NOBODY, NOBODY)),
+        ("chown-root-sgid-nox", 0o2767, "", lambda fd, p: os.chown(p, NOBODY, -1)),
+        ("o-trunc-root", 0o6777, "caps",
+         lambda fd, p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))),
+    ]
+    out: list[tuple[str, str, Any]] = []
+    for name, mode, extra, action in cases:
+        path = root / name
+        path.write_bytes(b"hello")
+        settle(root)
+        os.chmod(path, mode)
+        if extra == "caps":
+            os.setxattr(path, "security.capability", FILE_CAPS)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            action(fd, path)
+        finally:
+            os.close(fd)
+        settle(root)
+        st = os.stat(path)
+        out.append((name, oct(stat.S_IMODE(st.st_mode)),
+                    attempt(os.getxattr, path, "security.capability")))
+    d = root / "d"
+    d.mkdir()
+    os.chmod(d, 0o3777)
+    os.chown(d, NOBODY, NOBODY)  # a directory keeps its bits
+    out.append(("dir-chown", oct(stat.S_IMODE(os.stat(d).st_mode)), None))
+    return out
+
+
+def test_setuid_setgid_and_capabilities_dropped_as_ext4_drops_them(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The mount drops these itself (FUSE_HANDLE_KILLPRIV_V2, which spares a getxattr before
+    each write): a write or truncate by a caller without CAP_FSETID drops setuid, and setgid
+    when group-executable or the caller is not in the group; a chown drops them always; file
+    capabilities go with any of these."""
+    store = tmp_path / "store"
+    Store.init(store)
+    # --checked-reads: no passthrough, so every write reaches the daemon and killpriv is on
+    mounted = mount_store(store, tmp_path / "mnt", "--allow-other", "--checked-reads")
+    try:
+        expected = on_ext4_and_mount(tmp_path, mounted, privilege_scenario)
+        assert ("write-user", "0o777", "ENODATA") in expected  # ext4 did drop them
+    finally:
+        unmount_and_check(mounted, request)
+    assert "killpriv v2: on" in mounted.log()
+
+
+def test_kernel_written_setuid_file_loses_the_bit(tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
+    """A file the kernel writes straight into its staging file (passthrough) sends no WRITE:
+    the kernel's own check must still drop setuid when another user writes it."""
+
+    def scenario(root: Path) -> list[str]:
+        path = root / "f"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(fd, 0o4777)
+        as_nobody(lambda: os.write(fd, b"by nobody"))
+        mode = oct(stat.S_IMODE(os.fstat(fd).st_mode))
+        os.close(fd)
+        settle(root)
+        return [mode, oct(stat.S_IMODE(os.stat(path).st_mode)), path.read_text()]
+
+    store = tmp_path / "store"
+    Store.init(store)
+    mounted = mount_store(store, tmp_path / "mnt", "--allow-other")
+    try:
+        assert on_ext4_and_mount(tmp_path, mounted, scenario)[0] == "0o777"
+    finally:
+        unmount_and_check(mounted, request)
 
 
 # -- concurrency
