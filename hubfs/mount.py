@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from . import gc, repair
+from .cluster import ClusterNode, config_of
 from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
@@ -172,9 +173,15 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
     except HubfsError as exc:
         ready(exc.message)
         return
+    node = None
     try:
         fs = FileSystem(store, policy, ingest_step_bytes, checked_reads)
         trio.run(fs.recover)
+        try:
+            node = cluster_node(store, fs)
+        except HubfsError as exc:
+            ready(exc.message)
+            return
         ops = Operations(fs)
         try:
             pyfuse3.init(ops, str(mountpoint), options)
@@ -195,15 +202,46 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         started = time.time()
 
         async def status(progress: Callable[[int, int], None]) -> dict[str, Any]:
-            return _status_report(fs, started, recent_errors)
+            report = _status_report(fs, started, recent_errors)
+            if node is not None:
+                report["cluster"] = node.status()
+            return report
 
-        commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True),
-                    "status": status}
-        trio.run(_serve_until_stopped, fs, commands)
+        commands: dict[str, Callable[..., Any]] = {
+            "gc": run_gc, "gc-full": lambda progress: run_gc(progress, True), "status": status}
+        background = []
+        if node is not None:
+            commands["sync"] = node.sync_now
+            background.append(node.run)
+        trio.run(_serve_until_stopped, fs, commands, background)
         repair.snapshot_or_warn(store.index, store.path)
         log.info("unmounted %s", mountpoint)
     finally:
+        if node is not None:
+            node.close()
         store.close()
+
+
+def cluster_node(store: Store, fs: FileSystem) -> ClusterNode | None:
+    """The cluster side of a mount of a cluster store (hubfs.cluster), started; else None."""
+    config = config_of(store)
+    if config is None:
+        return None
+    node = ClusterNode(store, config)
+    node.busy = lambda ino: fs.writeback.busy(ino) or fs.writeback.staged(ino) is not None
+    node.unlinked = fs._remove_if_unused  # a name another node removed: as an unlink does
+    node.invalidate = _invalidate_entry
+    node.start()
+    log.info("node %s of the cluster store %s", config.node, config.remote)
+    return node
+
+
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    """A name changed behind the kernel's back (another node's change); from a worker thread."""
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError as exc:  # ENOENT: the kernel does not cache it
+        log.debug("invalidate %d %r: %s", parent, name, exc)
 
 
 class RecentErrors(logging.Handler):
@@ -238,8 +276,8 @@ def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict
     }
 
 
-async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]
-                               ) -> None:
+async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]],
+                               background: list[Callable[[], Any]] | None = None) -> None:
     """Serve requests until unmounted, then store everything still staged."""
     async with fs.running():
         try:
@@ -248,6 +286,8 @@ async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[...,
                 nursery.start_soon(serve_control, fs.store, commands)
                 nursery.start_soon(_snapshot_periodically, fs.store)
                 nursery.start_soon(fs.sync_periodically)
+                for task in background or []:
+                    nursery.start_soon(task)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:

@@ -1,0 +1,156 @@
+"""Two nodes of one cluster store: two stores, two mounts, one real ``weed mini`` bucket.
+
+What a user of the issue's main scenario sees: a tree written on node A appears on node B after
+``hubfs sync`` on both, B reads identical bytes (fetched lazily from the bucket), B's store grows
+by about what it read, and changes flow back from B to A. A store that does not answer fails a
+read of remote-only data with EIO in bounded time while local data keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
+from tests.seaweed import Seaweed
+
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
+BIG_BYTES = 3 * 1024 * 1024 + 12345
+# A read of remote-only data with the store hung fails within this (the mount's remote bound
+# is about 13 s: deadline 6 s + connect 2 s + read 5 s)
+EIO_BOUND_S = 30.0
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, remote_url: str, request: pytest.FixtureRequest
+          ) -> Iterator[tuple[Mounted, Mounted]]:
+    mounted = []
+    try:
+        for name in ("a", "b"):
+            store = tmp_path / f"store-{name}"
+            out = run_hubfs("init", str(store), "--remote", remote_url, "--node", name)
+            assert f"node {name}" in out.stdout
+            mounted.append(mount_store(store, tmp_path / f"mnt-{name}"))
+        yield mounted[0], mounted[1]
+    finally:
+        for m in mounted:
+            unmount_and_check(m, request)
+
+
+def sync(node: Mounted) -> dict:
+    return json.loads(run_hubfs("sync", str(node.path), "--json").stdout)
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every path under root: type, permission bits and bytes or target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_size)
+    return out
+
+
+def write_tree(root: Path) -> bytes:
+    snap = root / "models" / "m1" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (root / "models" / "m1" / "refs").mkdir()
+    (root / "models" / "m1" / "refs" / "main").write_text("abc")
+    big = os.urandom(BIG_BYTES)
+    (root / "models" / "m1" / "blob.bin").write_bytes(big)
+    (snap / "config.json").write_text('{"hidden": 384}')
+    (snap / "empty").write_bytes(b"")
+    (snap / "model.bin").symlink_to("../../blob.bin")
+    os.chmod(snap / "config.json", 0o640)
+    return big
+
+
+def pack_bytes(node: Mounted) -> int:
+    return node.stats()["pack_bytes"]
+
+
+def test_tree_written_on_a_is_read_on_b(nodes: tuple[Mounted, Mounted]) -> None:
+    a, b = nodes
+    big = write_tree(a.path)
+    report = sync(a)
+    assert report["uploads_queued"] == 0 and report["published_entries"] >= 8
+    before = pack_bytes(b)
+    report = sync(b)
+    assert report["applied_paths"] >= 8
+    assert tree(b.path) == tree(a.path)
+    assert pack_bytes(b) == before  # names only: no bytes fetched yet
+    assert (b.path / "models/m1/snapshots/abc/model.bin").read_bytes() == big
+    assert (b.path / "models/m1/refs/main").read_text() == "abc"
+    assert (b.path / "models/m1/snapshots/abc/empty").read_bytes() == b""
+    grown = pack_bytes(b) - before
+    read = BIG_BYTES + 3 + len('{"hidden": 384}')
+    assert read <= grown <= 1.1 * read + 64 * 1024, (grown, read)
+    # read again: served from B's own store, no growth
+    assert (b.path / "models/m1/blob.bin").read_bytes() == big
+    assert pack_bytes(b) - before == grown
+    # and back: B updates a ref, deletes a file, adds one; A follows
+    (b.path / "models/m1/refs/main.tmp").write_text("def")
+    os.rename(b.path / "models/m1/refs/main.tmp", b.path / "models/m1/refs/main")
+    os.unlink(b.path / "models/m1/snapshots/abc/config.json")
+    (b.path / "models/m1/new.txt").write_text("from b")
+    sync(b)
+    sync(a)
+    assert (a.path / "models/m1/refs/main").read_text() == "def"
+    assert not (a.path / "models/m1/snapshots/abc/config.json").exists()
+    assert (a.path / "models/m1/new.txt").read_text() == "from b"
+    assert tree(a.path) == tree(b.path)
+    status = json.loads(run_hubfs("status", str(b.path), "--json").stdout)["cluster"]
+    assert status["node"] == "b" and status["uploads_queued"] == 0
+    assert status["last_sync"] is not None and status["fetched_bytes"] >= BIG_BYTES
+
+
+def test_changes_propagate_without_sync(nodes: tuple[Mounted, Mounted]) -> None:
+    a, b = nodes
+    (a.path / "hello.txt").write_text("hello")
+    deadline = time.monotonic() + 20.0  # the issue's promise is 10 s; load here is noisy
+    while not (b.path / "hello.txt").exists():
+        assert time.monotonic() < deadline, "not propagated in 20 s"
+        time.sleep(0.5)
+    assert (b.path / "hello.txt").read_text() == "hello"
+
+
+@pytest.mark.allow_warnings
+def test_remote_down_local_reads_work_remote_reads_fail_bounded(
+        nodes: tuple[Mounted, Mounted], seaweed: Seaweed) -> None:
+    a, b = nodes
+    big = write_tree(a.path)
+    sync(a)
+    sync(b)
+    (b.path / "local.txt").write_text("mine")
+    seaweed.pause()
+    try:
+        assert (b.path / "local.txt").read_text() == "mine"
+        assert (a.path / "models/m1/blob.bin").read_bytes() == big  # A holds it
+        start = time.monotonic()
+        with pytest.raises(OSError) as caught:
+            (b.path / "models/m1/blob.bin").read_bytes()
+        took = time.monotonic() - start
+        assert caught.value.errno == errno.EIO
+        assert took < EIO_BOUND_S, took
+    finally:
+        seaweed.resume()
+    assert (b.path / "models/m1/blob.bin").read_bytes() == big
+    log = b.log()
+    assert sum("reads of data only the cluster holds fail" in line
+               for line in log.splitlines()) == 1
+    assert "hubfs-test-secret" not in log
