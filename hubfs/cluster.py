@@ -94,12 +94,11 @@ from .namespace_log import (
 )
 from .packs import remote_location
 from .remote import Remote
-from .store import Store
+from .store import CLUSTER_META, Store
 from .upload_queue import ContentSource, UploadQueue
 
 log = logging.getLogger(__name__)
 
-CLUSTER_META = "cluster"  # JSON {"remote": URL, "node": NAME}
 VIEW_META = "cluster_view"  # the node's view, as a snapshot object (gen = its snapshot_gen)
 SEQ_META = "cluster_next_seq"  # decimal: the sequence number of the node's next segment
 SEALED_META = "cluster_sealed"  # a sealed segment not queued yet (a crash came between)
@@ -120,12 +119,8 @@ class ClusterConfig:
 
 
 def config_of(store: Store) -> ClusterConfig | None:
-    with store.read() as txn:
-        raw = txn.meta_get(CLUSTER_META)
-    if raw is None:
-        return None
-    doc = json.loads(raw)
-    return ClusterConfig(str(doc["remote"]), str(doc["node"]))
+    doc = store.cluster_config()
+    return ClusterConfig(str(doc["remote"]), str(doc["node"])) if doc else None
 
 
 def default_node_name() -> str:

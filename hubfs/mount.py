@@ -21,13 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
 
 from . import gc, repair
-from .cluster import ClusterNode, config_of
 from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
@@ -35,6 +34,9 @@ from .policy import HOME_DIR, Policy
 from .staging import INGEST_STEP_BYTES
 from .store import Store
 from .vfs import FileSystem
+
+if TYPE_CHECKING:
+    from .cluster import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +226,12 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
 
 def cluster_node(store: Store, fs: FileSystem) -> ClusterNode | None:
     """The cluster side of a mount of a cluster store (hubfs.cluster), started; else None."""
+    if store.cluster_config() is None:
+        return None  # a plain store: the S3 client is never imported
+    from .cluster import ClusterNode, config_of
+
     config = config_of(store)
-    if config is None:
-        return None
+    assert config is not None
     node = ClusterNode(store, config)
     node.busy = lambda ino: fs.writeback.busy(ino) or fs.writeback.staged(ino) is not None
     node.unlinked = fs._remove_if_unused  # a name another node removed: as an unlink does

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 UPGRADABLE_FORMATS = (1,)
 MARKER = "HUBFS"
+CLUSTER_META = "cluster"  # index meta key: JSON {"remote": URL, "node": NAME} (hubfs.cluster)
 
 
 class IngestGate:
@@ -230,6 +231,13 @@ class Store:
         if self.objects is not None:
             self.objects.sync_directory()
         self.index.sync()
+
+    def cluster_config(self) -> dict[str, str] | None:
+        """``{"remote": URL, "node": NAME}`` if this store is a node of a cluster store
+        (hubfs.cluster; kept apart so that a plain store never imports the S3 client)."""
+        with self.index.read() as txn:
+            raw = txn.meta_get(CLUSTER_META)
+        return json.loads(raw) if raw is not None else None
 
     def object_of(self, content_id: bytes) -> int | None:
         """The object holding a content's bytes, if it has one (hubfs.objects)."""
