@@ -191,6 +191,9 @@ class ContentReader:
 
     def chunk_range(self, chunk_id: bytes, loc: ChunkLocation, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of one chunk's raw content."""
+        if loc.remote:  # a caller that knows no content to fetch it by (writeback's base)
+            raise NotLocal(f"chunk {chunk_id.hex()[:16]} is held by the cluster's object store "
+                           "only: read the file once before updating it in place", chunk_id)
         if loc.codec == Codec.RAW:
             first, last = lo // CHECK_BLOCK_BYTES, -(-hi // CHECK_BLOCK_BYTES)
             data = self.packs.read_blocks(chunk_id, loc, first, last)

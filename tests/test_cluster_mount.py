@@ -41,11 +41,11 @@ def nodes(tmp_path: Path, remote_url: str, request: pytest.FixtureRequest
             mounted.append(mount_store(store, tmp_path / f"mnt-{name}"))
         yield mounted[0], mounted[1]
     finally:
-        failures = []
+        failures: list[BaseException] = []
         for m in mounted:  # every node is unmounted, whatever the first one's check says
             try:
                 unmount_and_check(m, request)
-            except BaseException as exc:  # noqa: PERF203
+            except (AssertionError, pytest.fail.Exception) as exc:
                 failures.append(exc)
         if failures:
             raise failures[0]
