@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,31 @@ def test_model_downloaded_on_a_loads_offline_on_b(nodes: tuple[Mounted, Mounted]
     grown = pack_bytes(b) - before
     assert safetensors <= grown <= 1.1 * safetensors + (1 << 20), (grown, safetensors)
     assert grown < 0.9 * model_bytes or safetensors > 0.9 * model_bytes
+
+
+@pytest.mark.allow_warnings
+def test_damaged_content_in_the_bucket_is_detected(nodes: tuple[Mounted, Mounted],
+                                                   seaweed: Seaweed, remote_url: str) -> None:
+    """A flipped byte in the bucket's copy: B's read fails with EIO and its log names the
+    object; B keeps none of the bad bytes; with the object restored, B reads it."""
+    a, b = nodes
+    big = write_tree(a.path)
+    sync(a)
+    sync(b)
+    raw: Any = seaweed.client()
+    bucket, _, prefix = remote_url[len("s3://"):].partition("/")
+    listed = raw.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/content/")["Contents"]
+    (key,) = [o["Key"] for o in listed if o["Size"] > BIG_BYTES]
+    good = raw.get_object(Bucket=bucket, Key=key)["Body"].read()
+    bad = bytearray(good)
+    bad[-1000] ^= 0x01
+    raw.put_object(Bucket=bucket, Key=key, Body=bytes(bad))
+    before = pack_bytes(b)
+    with pytest.raises(OSError) as caught:
+        (b.path / "models/m1/blob.bin").read_bytes()
+    assert caught.value.errno == errno.EIO
+    assert [line for line in b.log().splitlines()
+            if " ERROR " in line and "is damaged" in line and key.rpartition("/")[2] in line]
+    assert pack_bytes(b) - before < BIG_BYTES - 1000  # the damaged chunk was not kept
+    raw.put_object(Bucket=bucket, Key=key, Body=good)
+    assert (b.path / "models/m1/blob.bin").read_bytes() == big
