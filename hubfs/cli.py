@@ -151,6 +151,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("dedup ratio", f"{stats['dedup_ratio']:.2f}x"),
         ("compression ratio", f"{stats['compression_ratio']:.2f}x"),
     ]
+    if stats["remote_only_bytes"]:
+        rows.append(("only in the cluster bucket", human_bytes(stats["remote_only_bytes"])))
     for key, value in rows:
         print(f"{key:26s} {value}")
     if len(stats["trees"]) > 1:

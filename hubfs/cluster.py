@@ -47,8 +47,12 @@ per outage. ``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
 while the remote is down; a content another node uploaded is found by a HEAD and not sent.
 
-Missing (said here so that nobody assumes it): ``--cache-size`` eviction; compaction and pruning
-of the log from the mount (``ClusterLog.compact``/``prune`` exist; no node calls them yet);
+*Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments, publishes
+a snapshot of its merged view (``ClusterLog.compact``, on a copy: the local namespace follows it
+at the next pull) and prunes (``ClusterLog.prune``).
+
+Missing (said here so that nobody assumes it): ``--cache-size`` eviction; a test of compaction
+through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
 reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
 before reading it fails with EIO, a new file or a rename is fine); invalidation of the kernel's
 caches of a file's data when another node replaced it (names are invalidated).
@@ -73,7 +77,13 @@ from typing import Any
 import trio
 
 from . import namespace
-from .cluster_sync import SYNC_INTERVAL_S, ClusterLog, join_cluster, segment_key
+from .cluster_sync import (
+    COMPACT_AFTER_SEGMENTS,
+    SYNC_INTERVAL_S,
+    ClusterLog,
+    join_cluster,
+    segment_key,
+)
 from .compression import Codec
 from .contents import EMPTY
 from .errors import FsError, HubfsError, RemoteError, RemoteIntegrityError
@@ -431,6 +441,7 @@ class ClusterNode:
             if top is not None:
                 self.log.clock.observe(top)
         self.next_seq = int(seq or b"1")
+        self._compacted_upto = self._compaction_mark()
         if sealed is not None:
             self._queue_sealed(sealed)
 
@@ -479,6 +490,7 @@ class ClusterNode:
             try:
                 published = await self._seal()
                 pulled, applied, skipped = await self._pull()
+                await self._compact_if_due()
             except HubfsError as exc:
                 self.last_error = exc.message
                 raise
@@ -486,6 +498,27 @@ class ClusterNode:
             self.last_sync = time.time()
             return {"published_entries": published, "pulled_segments": pulled,
                     "applied_paths": applied, "skipped_paths": skipped}
+
+    def _compaction_mark(self) -> int:
+        return (self.next_seq - 1) // COMPACT_AFTER_SEGMENTS * COMPACT_AFTER_SEGMENTS
+
+    async def _compact_if_due(self) -> None:
+        """Every ``COMPACT_AFTER_SEGMENTS`` of its own segments, a node writes a snapshot of
+        the merged view and prunes what older snapshots cover, so that a new or long-offline
+        node reads a snapshot and a few segments, not the whole history."""
+        mark = self._compaction_mark()
+        if mark <= self._compacted_upto:
+            return
+        scratch = View(dict(self.view.entries), dict(self.view.frontier),
+                       self.view.snapshot_gen)
+
+        def compact() -> None:
+            gen = self.log.compact(scratch)
+            if gen is not None:
+                self.log.prune()
+
+        await trio.to_thread.run_sync(compact)
+        self._compacted_upto = mark
 
     def _txn_id(self) -> int:
         return int(self.store.index.env.info()["last_txnid"])

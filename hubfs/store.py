@@ -253,9 +253,11 @@ class Store:
                     files += 1
                     logical += inode.size
             trees = _tree_stats(txn)
-            chunks = unique = stored = dead = 0
+            chunks = unique = stored = dead = remote = 0
             for _cid, entry in txn.chunks():
-                if entry.refcount > 0:
+                if entry.location.remote:  # a cluster node's chunk not fetched (yet)
+                    remote += entry.location.raw_len if entry.refcount > 0 else 0
+                elif entry.refcount > 0:
                     chunks += 1
                     unique += entry.location.raw_len
                     stored += entry.location.stored_len
@@ -273,12 +275,13 @@ class Store:
             "stored_bytes": stored_bytes,
             "chunk_stored_bytes": stored,
             "unreferenced_bytes": dead,
+            "remote_only_bytes": remote,
             "pack_bytes": pack_bytes,
             "object_bytes": object_bytes,
             "objects": objects,
             "index_bytes": self.index.disk_bytes(),
             "chunks": chunks,
-            "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
+            "dedup_ratio": round(logical / (unique + remote), 4) if unique + remote else 1.0,
             "compression_ratio": round(unique / stored, 4) if stored else 1.0,
             "trees": trees,
         }

@@ -101,15 +101,18 @@ def test_tree_written_on_a_is_read_on_b(nodes: tuple[Mounted, Mounted]) -> None:
     assert report["applied_paths"] >= 8
     assert tree(b.path) == tree(a.path)
     assert pack_bytes(b) == before  # names only: no bytes fetched yet
+    assert b.stats()["remote_only_bytes"] == BIG_BYTES + 3 + len('{"hidden": 384}')
     assert (b.path / "models/m1/snapshots/abc/model.bin").read_bytes() == big
     assert (b.path / "models/m1/refs/main").read_text() == "abc"
     assert (b.path / "models/m1/snapshots/abc/empty").read_bytes() == b""
+    assert (b.path / "models/m1/snapshots/abc/config.json").read_text() == '{"hidden": 384}'
     grown = pack_bytes(b) - before
     read = BIG_BYTES + 3 + len('{"hidden": 384}')
     assert read <= grown <= 1.1 * read + 64 * 1024, (grown, read)
     # read again: served from B's own store, no growth
     assert (b.path / "models/m1/blob.bin").read_bytes() == big
     assert pack_bytes(b) - before == grown
+    assert b.stats()["remote_only_bytes"] == 0
     # and back: B updates a ref, deletes a file, adds one; A follows
     (b.path / "models/m1/refs/main.tmp").write_text("def")
     os.rename(b.path / "models/m1/refs/main.tmp", b.path / "models/m1/refs/main")
