@@ -37,9 +37,11 @@ wins per path, by hybrid timestamp, on every node alike (``namespace_log``).
 *Contents the node does not hold.* An applied file gets an inode with its size and content id;
 the content's chunk table is registered with the chunks at ``packs.REMOTE_PACK_ID`` (no local
 bytes), reference-counted like any other. A read that touches such chunks (``ContentReader``
-calls ``fetch``, in a worker thread) fetches them and at least ``FETCH_AHEAD_BYTES`` after them
-with ``Remote.fetch_chunks`` (every chunk checked against its BLAKE3 id), appends them raw to a
-pack and re-points their index entries: the node's disk grows by what it read. The kernel is
+calls ``fetch``, in a worker thread) fetches them (at least ``FETCH_FIRST_BYTES``) with
+parallel ``Remote.fetch_chunks`` (every chunk checked against its BLAKE3 id), appends them raw to a pack
+and re-points their index entries, then fetches up to ``FETCH_AHEAD_WINDOWS`` windows of
+``FETCH_AHEAD_BYTES`` after them in the background for a sequential reader: the node's disk
+grows by what it read, plus at most those windows per content. The kernel is
 not served such files from objects (passthrough); the daemon serves them. A remote that does
 not answer fails the read with EIO within ``MOUNT_DEADLINE_S`` + timeouts, with one log line
 per outage. ``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
@@ -70,6 +72,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +116,11 @@ VIEW_META = "cluster_view"  # the node's view, as a snapshot object (gen = its s
 SEQ_META = "cluster_next_seq"  # decimal: the sequence number of the node's next segment
 SEALED_META = "cluster_sealed"  # a sealed segment not queued yet (a crash came between)
 UPLOADS_DIR = "uploads"
-FETCH_AHEAD_BYTES = 8 << 20
+FETCH_FIRST_BYTES = 4 << 20
+FETCH_AHEAD_BYTES = 32 << 20
+FETCH_AHEAD_WINDOWS = 2
+FETCH_PART_BYTES = 8 << 20  # a window is fetched as parallel range GETs of this size
+FETCH_THREADS = 4
 FETCH_LOCKS = 64
 # A read of remote-only data fails (EIO) within about deadline + connect + read timeouts.
 MOUNT_CONNECT_TIMEOUT_S = 2.0
@@ -418,6 +425,11 @@ class ClusterNode:
         self._seen_txn = -1  # the index's last transaction when the node last looked
         # fetches of one content wait for each other (a lock per content id's hash)
         self._fetch_locks = [threading.Lock() for _ in range(FETCH_LOCKS)]
+        self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="hubfs-fetch")
+        self._ahead: dict[bytes, threading.Thread] = {}  # fetches ahead, one per content
+        self._ahead_goal: dict[bytes, int] = {}
+        self._ahead_guard = threading.Lock()
+        self._closing = False
         self._outage = False
         # set by the mount: is an inode busy (written), and tell the kernel a name changed
         self.busy: Callable[[int], bool] = lambda ino: False
@@ -451,6 +463,12 @@ class ClusterNode:
 
     def close(self) -> None:
         self.store.reader.fetch = None
+        with self._ahead_guard:
+            self._closing = True
+            running = list(self._ahead.values())
+        for thread in running:  # they write to the store, which closes next
+            thread.join()
+        self._pool.shutdown()
         self.queue.close()
 
     # ---- sync ---------------------------------------------------------------------------
@@ -616,9 +634,17 @@ class ClusterNode:
 
     # ---- lazy reads -----------------------------------------------------------------------
 
+    def _lock_of(self, cid: bytes) -> threading.Lock:
+        return self._fetch_locks[int.from_bytes(cid[:4], "little") % FETCH_LOCKS]
+
     def fetch(self, cid: bytes, offset: int, size: int) -> None:
-        """Make the chunks a read touches local (ContentReader.fetch; a worker thread)."""
-        with self._fetch_locks[int.from_bytes(cid[:4], "little") % FETCH_LOCKS]:
+        """Make the chunks a read touches local (ContentReader.fetch; a worker thread): the
+        chunks of ``FETCH_FIRST_BYTES`` from the read in the foreground, the
+        ``FETCH_AHEAD_BYTES`` after them in the background, so that a sequential reader rarely
+        waits for the network (what the background fetches is what a sequential reader reads
+        next; a random reader's disk grows by at most one window per stall)."""
+        size = max(size, FETCH_FIRST_BYTES)
+        with self._lock_of(cid):
             try:
                 self._fetch(cid, offset, size)
             except RemoteIntegrityError as exc:
@@ -632,35 +658,78 @@ class ClusterNode:
         if self._outage:
             log.info("%s answers again: reads of remote data work", self.remote.url)
             self._outage = False
+        self._fetch_ahead(cid, offset + size)
 
-    def _fetch(self, cid: bytes, offset: int, size: int) -> None:
+    def _fetch_ahead(self, cid: bytes, offset: int) -> None:
+        """Fetch up to ``FETCH_AHEAD_WINDOWS`` windows after ``offset`` in the background
+        (one thread per content; a later call moves its goal further)."""
+        goal = offset + FETCH_AHEAD_WINDOWS * FETCH_AHEAD_BYTES
+        with self._ahead_guard:
+            if self._closing:
+                return
+            if cid in self._ahead:
+                self._ahead_goal[cid] = max(self._ahead_goal[cid], goal)
+                return
+            self._ahead_goal[cid] = goal
+            self._ahead[cid] = threading.Thread(target=self._run_ahead, args=(cid, offset),
+                                                name="hubfs-fetch-ahead", daemon=True)
+            self._ahead[cid].start()
+
+    def _run_ahead(self, cid: bytes, pos: int) -> None:
+        try:
+            while True:
+                with self._ahead_guard:
+                    if self._closing or pos >= self._ahead_goal[cid]:
+                        return
+                with self._lock_of(cid):  # per window: a reader elsewhere gets its turn
+                    if not self._fetch(cid, pos, FETCH_AHEAD_BYTES):
+                        return  # the content's end
+                pos += FETCH_AHEAD_BYTES
+        except (HubfsError, FsError) as exc:  # the read that needs it will say so
+            log.info("fetch ahead of content %s: %s", cid.hex()[:16], exc)
+        finally:
+            with self._ahead_guard:
+                self._ahead.pop(cid, None)
+                self._ahead_goal.pop(cid, None)
+
+    def _fetch(self, cid: bytes, offset: int, size: int) -> bool:
+        """Fetch the remote chunks of a range; False if it starts past the content's end."""
         writer = self.store.writer
         assert writer is not None
         with self.store.read() as txn:
             table = txn.content(cid)
             if table is None:
                 raise FsError(errno.EIO, f"content {cid.hex()[:16]} is not in the index")
+            if offset >= table.size:
+                return False
             if not any((e := txn.chunk(c)) is None or e.location.remote
                        for c in _chunks_in(table, offset, size)):
-                return  # another thread fetched them meanwhile
-        got = self.remote.fetch_chunks(cid, offset, max(size, FETCH_AHEAD_BYTES))
+                return True  # held already (fetched by another thread meanwhile)
+        end = min(offset + size, table.size)
+        starts = range(offset, end, FETCH_PART_BYTES)
+        parts = list(self._pool.map(
+            lambda start: self.remote.fetch_chunks(cid, start, min(FETCH_PART_BYTES,
+                                                                   end - start)), starts))
         with self.store.ingest_gate.shared():
             placed = {}
             with self.store.read() as txn:
-                for chunk_id, data in got.chunks():
+                for chunk_id, data in (c for got in parts for c in got.chunks()):
                     entry = txn.chunk(chunk_id)
                     if entry is not None and entry.location.remote and chunk_id not in placed:
                         placed[chunk_id] = (len(data), data)
             if not placed:
-                return
+                return True
             locations = {chunk_id: writer.append(chunk_id, Codec.RAW, n, data)
                          for chunk_id, (n, data) in placed.items()}
-            with self.store.write() as txn:  # syncs the appended bytes first
+            # No fsync here: the mount's index commits are durable only at its next
+            # ``sync_index``, which syncs the packs first (a fetched chunk can be fetched again).
+            with self.store.metadata_write() as txn:
                 for chunk_id, loc in locations.items():
                     entry = txn.chunk(chunk_id)
                     if entry is not None and entry.location.remote:
                         txn.put_chunk(chunk_id, ChunkEntry(loc, entry.refcount))
         self.fetched_bytes += sum(n for n, _ in placed.values())
+        return True
 
     # ---- reports --------------------------------------------------------------------------
 

@@ -227,9 +227,12 @@ class Store:
 
     def sync_index(self) -> None:
         """Make every committed index change durable, after the names of the objects it may
-        name (a durable index never points at an object an OS crash could lose)."""
+        name and the pack bytes it may point at (a durable index never points at data an OS
+        crash could lose; chunks a cluster node fetched commit before their packs sync)."""
         if self.objects is not None:
             self.objects.sync_directory()
+        if self.writer is not None:
+            self.writer.sync()
         self.index.sync()
 
     def cluster_config(self) -> dict[str, str] | None:
