@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +234,41 @@ def test_damaged_content_in_the_bucket_is_detected(nodes: tuple[Mounted, Mounted
     assert pack_bytes(b) - before < BIG_BYTES - 1000  # the damaged chunk was not kept
     raw.put_object(Bucket=bucket, Key=key, Body=good)
     assert (b.path / "models/m1/blob.bin").read_bytes() == big
+
+
+@pytest.mark.allow_warnings
+def test_node_killed_with_uploads_queued_resumes_them(nodes: tuple[Mounted, Mounted],
+                                                      seaweed: Seaweed) -> None:
+    """kill -9 of node A while its uploads wait (the store hung): at A's next mount the queue
+    goes on from disk, and B then sees A's file with its bytes."""
+    a, b = nodes
+    seaweed.pause()
+    try:
+        data = os.urandom(2 * 1024 * 1024 + 7)
+        (a.path / "late.bin").write_bytes(data)
+        deadline = time.monotonic() + 30.0
+        while True:  # A seals its change (the segment and the content wait in its queue)
+            st = json.loads(run_hubfs("status", str(a.path), "--json").stdout)["cluster"]
+            if st["log_segments_published"] >= 1 and st["uploads_queued"] >= 2:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.5)
+        pid = int((a.store / "lock").read_text())
+        os.kill(pid, 9)
+        subprocess.run(["fusermount3", "-uz", str(a.path)], check=True)
+        while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+            time.sleep(0.05)
+    finally:
+        seaweed.resume()
+    mount_store(a.store, a.path)
+    assert "jobs left from an earlier run" in a.log()
+    sync(a)
+    sync(b)
+    assert (b.path / "late.bin").read_bytes() == data
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"
