@@ -264,6 +264,10 @@ def register_remote(txn: Txn, cid: bytes, table: ContentTable) -> None:
     txn.put_content(cid, table)
 
 
+class TableMissing(Exception):
+    """A content the pull took for known is gone: the apply is retried at the next sync."""
+
+
 @dataclass
 class Applied:
     """What an apply did that the mount must follow up on the trio thread."""
@@ -344,6 +348,8 @@ def apply_tree(txn: Txn, old: dict[str, Entry], new: dict[str, Entry],
             content = None
             if want.content != EMPTY.content_id:
                 if txn.content(want.content) is None:
+                    if want.content not in tables:  # dropped here since the pull looked
+                        raise TableMissing(want.content.hex())
                     register_remote(txn, want.content, tables[want.content])
                 content = (want.content, want.size)
             ino = namespace.create(txn, parent, name, stat.S_IFREG | want.mode, want.uid,
@@ -560,13 +566,13 @@ class ClusterNode:
         seg = outbox.seal(self.next_seq)
         assert seg is not None
         data = encode_segment(seg)
-        for e in own:
-            self.view.merge(e)
+        view = View(dict(self.view.entries), dict(self.view.frontier), self.view.snapshot_gen)
+        view.merge_all(own)
         with self.store.metadata_write() as txn:
-            self._save_view(txn)
+            _save_view(txn, view)
             txn.meta_put(SEQ_META, str(seg.seq + 1).encode())
             txn.meta_put(SEALED_META, data)
-        self.next_seq = seg.seq + 1
+        self.view, self.next_seq = view, seg.seq + 1  # committed
         await trio.to_thread.run_sync(self._queue_sealed, data)
         self._seen_txn = seen
         log.info("cluster: segment %d sealed (%d entries)", seg.seq, len(seg.entries))
@@ -583,9 +589,6 @@ class ClusterNode:
         self.queue.put_object(segment_key(seg.node, seg.seq), data)
         with self.store.metadata_write() as txn:
                 txn.meta_delete(SEALED_META)
-
-    def _save_view(self, txn: Txn) -> None:
-        txn.meta_put(VIEW_META, encode_snapshot(self.view.snapshot(self.view.snapshot_gen)))
 
     async def _pull(self) -> tuple[int, int, int]:
         scratch = View(dict(self.view.entries), dict(self.view.frontier),
@@ -611,11 +614,16 @@ class ClusterNode:
                 self.view.snapshot_gen:
             return segments, 0, 0
         old_tree, new_tree = self.view.tree(), scratch.tree()
-        with self.store.metadata_write() as txn:
-            local = walk(txn)
-            done = apply_tree(txn, old_tree, new_tree, local, tables, self.busy)
-            self.view = scratch
-            self._save_view(txn)
+        try:
+            with self.store.metadata_write() as txn:
+                local = walk(txn)
+                done = apply_tree(txn, old_tree, new_tree, local, tables, self.busy)
+                _save_view(txn, scratch)
+            self.view = scratch  # committed
+        except TableMissing as exc:
+            log.info("cluster: content %s went away during the pull; applied at the next "
+                     "sync", exc)
+            return segments, 0, 0
         for ino in done.unlinked:
             self.unlinked(ino)
         if done.removed:
@@ -752,6 +760,10 @@ class ClusterNode:
             "remote_bytes_up": st.bytes_up,
             "remote_requests": st.requests,
         }
+
+
+def _save_view(txn: Txn, view: View) -> None:
+    txn.meta_put(VIEW_META, encode_snapshot(view.snapshot(view.snapshot_gen)))
 
 
 def _chunks_in(table: ContentTable, offset: int, size: int) -> list[bytes]:

@@ -215,6 +215,13 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         if node is not None:
             commands["sync"] = node.sync_now
             background.append(node.run)
+        else:
+            async def not_a_cluster(progress: Callable[[int, int], None]) -> None:
+                raise HubfsError(f"{store_path} is not a cluster store, nothing to sync: "
+                                 "make one with `hubfs init STORE --remote s3://BUCKET/PREFIX`",
+                                 2)
+
+            commands["sync"] = not_a_cluster
         trio.run(_serve_until_stopped, fs, commands, background)
         repair.snapshot_or_warn(store.index, store.path)
         log.info("unmounted %s", mountpoint)
