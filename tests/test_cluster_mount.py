@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 from tests.seaweed import Seaweed
+from tests.test_multi_user import ALICE, BOB, users  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
@@ -281,3 +283,45 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except OSError:
         return "Z"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+@pytest.mark.usefixtures("users")
+def test_private_trees_stay_private_on_every_node(tmp_path: Path, remote_url: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    """Multi-user mounts on both nodes: alice's private file written on A is hers on B too
+    (owners and modes travel), so bob gets the same EACCES on B as on A."""
+    top = Path(tempfile.mkdtemp(prefix="hubfs-cl-mu-"))
+    top.chmod(0o755)
+    mounted: list[Mounted] = []
+    try:
+        for name in ("a", "b"):
+            store = tmp_path / f"store-{name}"
+            run_hubfs("init", str(store), "--remote", remote_url, "--node", name)
+            mounted.append(mount_store(store, top / f"mnt-{name}", "--allow-other",
+                                       "--multi-user"))
+        a, b = mounted
+
+        def as_user(user: str, command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}",
+                                   "--init-groups", "sh", "-c", command], cwd="/",
+                                  capture_output=True, text=True, check=False)
+
+        mine = as_user(ALICE, f"echo secret > {a.path}/home/{ALICE}/token")
+        assert mine.returncode == 0, mine.stderr
+        sync(a)
+        sync(b)
+        denied = as_user(BOB, f"cat {b.path}/home/{ALICE}/token")
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        assert as_user(ALICE, f"cat {b.path}/home/{ALICE}/token").stdout == "secret\n"
+    finally:
+        failures: list[BaseException] = []
+        for m in mounted:
+            try:
+                unmount_and_check(m, request)
+            except (AssertionError, pytest.fail.Exception) as exc:
+                failures.append(exc)
+            m.path.rmdir()
+        top.rmdir()
+        if failures:
+            raise failures[0]
