@@ -130,6 +130,9 @@ def test_tree_written_on_a_is_read_on_b(nodes: tuple[Mounted, Mounted]) -> None:
     status = json.loads(run_hubfs("status", str(b.path), "--json").stdout)["cluster"]
     assert status["node"] == "b" and status["uploads_queued"] == 0
     assert status["last_sync"] is not None and status["fetched_bytes"] >= BIG_BYTES
+    text = run_hubfs("status", str(b.path)).stdout
+    assert "cluster node           b" in text and "cluster uploads queued 0" in text
+    assert run_hubfs("sync", str(b.path)).stdout.startswith("published 0 changes; pulled ")
 
 
 def test_changes_propagate_without_sync(nodes: tuple[Mounted, Mounted]) -> None:
@@ -325,3 +328,10 @@ def test_private_trees_stay_private_on_every_node(tmp_path: Path, remote_url: st
         top.rmdir()
         if failures:
             raise failures[0]
+
+
+def test_sync_of_a_plain_store_says_what_to_do(mounted: Mounted) -> None:
+    done = run_hubfs("sync", str(mounted.path), check=False)
+    assert done.returncode != 0
+    assert "is not a cluster store" in done.stderr and "--remote" in done.stderr
+    assert "cluster" not in json.loads(run_hubfs("status", str(mounted.path), "--json").stdout)
