@@ -37,14 +37,18 @@ wins per path, by hybrid timestamp, on every node alike (``namespace_log``).
 *Contents the node does not hold.* An applied file gets an inode with its size and content id;
 the content's chunk table is registered with the chunks at ``packs.REMOTE_PACK_ID`` (no local
 bytes), reference-counted like any other. A read that touches such chunks (``ContentReader``
-calls ``fetch``, in a worker thread) fetches them (at least ``FETCH_FIRST_BYTES``) with
-parallel ``Remote.fetch_chunks`` (every chunk checked against its BLAKE3 id), appends them raw to a pack
-and re-points their index entries, then fetches up to ``FETCH_AHEAD_WINDOWS`` windows of
-``FETCH_AHEAD_BYTES`` after them in the background for a sequential reader: the node's disk
-grows by what it read, plus at most those windows per content. The kernel is
-not served such files from objects (passthrough); the daemon serves them. A remote that does
-not answer fails the read with EIO within ``MOUNT_DEADLINE_S`` + timeouts, with one log line
-per outage. ``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
+calls ``fetch``, in a worker thread) fetches them (at least ``FETCH_FIRST_BYTES``) as parallel
+``Remote.fetch_chunks`` range GETs (every chunk checked against its BLAKE3 id), appends them raw
+to a pack and re-points their index entries, then fetches up to ``FETCH_AHEAD_WINDOWS`` windows
+of ``FETCH_AHEAD_BYTES`` after them in the background for a sequential reader: the node's disk
+grows by what it read, plus at most those windows per content. That commit waits for no fsync:
+the mount's index is durable only at ``Store.sync_index``, which syncs the packs first. A file
+replaced by another node is a new inode here, so no page cache holds its old bytes (processes
+that hold the old one open keep reading it, as after a local rename over it). Such files are
+served by the daemon, not by the kernel from objects. A remote that does not answer fails the
+read with EIO within ``MOUNT_DEADLINE_S`` plus the connect and read timeouts (about 13 s), with
+one log line per outage; a damaged object fails it with EIO and an error naming the object.
+``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
 
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
 while the remote is down; a content another node uploaded is found by a HEAD and not sent.
@@ -53,11 +57,16 @@ while the remote is down; a content another node uploaded is found by a HEAD and
 a snapshot of its merged view (``ClusterLog.compact``, on a copy: the local namespace follows it
 at the next pull) and prunes (``ClusterLog.prune``).
 
+*Costs.* Each sync that follows a local index change walks the namespace; each sync that
+changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
+thousands of files; a tree of millions wants per-operation entries and an incremental view.
+
 Missing (said here so that nobody assumes it): ``--cache-size`` eviction; a test of compaction
 through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
 reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
-before reading it fails with EIO, a new file or a rename is fine); invalidation of the kernel's
-caches of a file's data when another node replaced it (names are invalidated).
+before reading it fails with EIO; a new file or a rename is fine); an index snapshot taken
+between a fetch and the next ``sync_index`` may name fetched chunks an OS crash then loses
+(``verify --repair`` from it reports those files rather than marking them remote again).
 """
 
 from __future__ import annotations
