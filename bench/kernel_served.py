@@ -7,9 +7,9 @@ In one run, on one disk (WORKDIR holds the native files, the store and the mount
 - **reads** of the committed model: sequential cold and hot, random 4 KiB cold and hot,
   ``safetensors.torch.load_file`` and ``torch.load(mmap=True)`` cold and hot (every page
   touched), each alternating native and hubfs runs;
-- **three users**: the model written by three users into their own trees; after the page
-  cache is dropped, each reads their copy: how much the page cache grows (/proc/meminfo
-  Cached), and the store's bytes on disk.
+- **three users**: on a fresh store, the model written by three users into their own trees;
+  after the page cache is dropped, each reads their copy: how much the page cache grows
+  (/proc/meminfo Cached), and the store's bytes on disk.
 
 Prints hubfs/native time ratios against the issue's targets, and writes JSON and a PNG
 (bench/plot.py) to bench/results/.
@@ -198,10 +198,12 @@ def main() -> int:
             repeats = args.repeats + (2 if name.endswith("hot") else 0)
             measurements += measure_pair(name, nbytes, fn, [(native / file, mnt / file)],
                                          repeats, prepare)
-        print("measuring three users ...", file=sys.stderr, flush=True)
-        users = three_users(weights, mnt, store)
         served = status(mnt)
     verify = mount.verify()
+    print("measuring three users ...", file=sys.stderr, flush=True)
+    with HubfsMount(work / "store-users", work / "mnt-users") as users_mount:
+        users = three_users(weights, users_mount.path, users_mount.store)
+    shutil.rmtree(work / "store-users", ignore_errors=True)
 
     rows = []
     by_name = {m.name: m for m in measurements}

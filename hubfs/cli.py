@@ -147,6 +147,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("unique chunks", f"{stats['chunks']} ({human_bytes(stats['unique_bytes'])})"),
         ("stored on disk", human_bytes(stats["stored_bytes"])),
         ("objects (kernel-served)", f"{stats['objects']} ({human_bytes(stats['object_bytes'])})"),
+        ("of which copies on demand", (f"{stats['materialised_objects']} "
+                                      f"({human_bytes(stats['materialised_bytes'])})")),
         ("unreferenced (gc frees)", human_bytes(stats["unreferenced_bytes"])),
         ("dedup ratio", f"{stats['dedup_ratio']:.2f}x"),
         ("compression ratio", f"{stats['compression_ratio']:.2f}x"),
@@ -232,7 +234,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     tune_malloc_for_daemon()  # before mount() forks the daemon: it inherits the settings
     mount(args.store, args.mountpoint, foreground=args.foreground,
           allow_other=args.allow_other, options=args.o, policy=policy,
-          ingest_step_bytes=args.ingest_step_mib << 20, checked_reads=args.checked_reads)
+          ingest_step_bytes=args.ingest_step_mib << 20, checked_reads=args.checked_reads,
+          materialise_budget_bytes=int(args.materialise_budget_gib * (1 << 30)))
     return 0
 
 
@@ -289,7 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    sizes = ("staged_bytes", "decoded_cache_bytes", "index_bytes", "free_bytes", "disk_bytes")
+    sizes = ("staged_bytes", "decoded_cache_bytes", "index_bytes", "free_bytes", "disk_bytes",
+             "materialised_bytes", "materialise_budget_bytes")
     for key, value in report.items():
         if key == "recent_errors":
             continue
@@ -547,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the daemon serves and checks every read, and receives every write "
                    "(FUSE passthrough, which lets the kernel read large files from the store "
                    "and write new files at disk speed, bypasses hubfs's checksums)")
+    p.add_argument("--materialise-budget-gib", type=float, default=8.0,
+                   help="disk room for copies of large files stored as references to other "
+                   "files' chunks, made when one is opened so the kernel can serve it "
+                   "(default 8; 0 turns them off)")
     p.add_argument("--ingest-step-mib", type=int, default=64,
                    help="store a file being written every this many MiB, so a download never "
                    "needs two full copies on disk (default 64)")

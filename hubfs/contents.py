@@ -118,7 +118,10 @@ def drop_ref(txn: Txn, cid: bytes) -> None:
         return
     table = txn.content(cid)
     txn.delete_content(cid)
-    txn.delete_object(cid)  # the object file goes at the next gc, once no chunk needs it
+    object_id = txn.object_of(cid)
+    if object_id is not None:  # the file goes at the next gc, once no chunk needs it
+        txn.delete_object(cid)
+        txn.delete_materialised(object_id)
     if table is None:
         return
     for chunk_id in table.chunk_ids:

@@ -11,6 +11,7 @@ Named databases::
     dirseq        parent+seq    -> name (readdir order: offsets stay valid as entries change)
     xattrs        ino+name      -> value
     objects       content id    -> u32 object id (the content's bytes as one file: hubfs.objects)
+    materialised  u32 object id -> content id, u64 size: objects copied from chunks on demand
 
 Integer keys are big-endian so LMDB's byte order is numeric order. Every value starts with a
 version byte. ``Index`` hands out ``Txn`` objects; a write transaction is never held across an
@@ -38,9 +39,9 @@ from .packs import SUM, ChunkLocation
 log = logging.getLogger(__name__)
 
 DB_NAMES = ("meta", "chunks", "contents", "content_refs", "inodes", "dirents", "dirseq", "xattrs",
-            "objects")
+            "objects", "materialised")
 # Databases an index of an older store format lacks until it is opened for writing.
-NEWER_DB_NAMES = ("objects",)
+NEWER_DB_NAMES = ("objects", "materialised")
 # Virtual address space reserved for the index; LMDB grows the file only as data is written.
 MAP_SIZE_BYTES = 1 << 40
 VALUE_VERSION = 1
@@ -308,6 +309,20 @@ class Txn:
         with self.raw.cursor(db=self.dbs["objects"]) as cur:
             for key, value in cur:
                 yield bytes(key), decoded("object", U32.unpack, value)[0]
+
+    def materialised(self) -> Iterator[tuple[int, bytes, int]]:
+        """``(object id, content id, size)`` of every materialised object."""
+        with self.raw.cursor(db=self.dbs["materialised"]) as cur:
+            for key, value in cur:
+                size = decoded("materialised object", U64.unpack, value[32:40])[0]
+                yield decoded("materialised object", U32.unpack, key)[0], bytes(value[:32]), size
+
+    def put_materialised(self, object_id: int, content_id: bytes, size: int) -> None:
+        self.raw.put(U32.pack(object_id), content_id + U64.pack(size),
+                     db=self.dbs["materialised"])
+
+    def delete_materialised(self, object_id: int) -> None:
+        self.raw.delete(U32.pack(object_id), db=self.dbs["materialised"])
 
     # -- inodes
     def inode(self, ino: int) -> Inode | None:

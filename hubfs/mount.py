@@ -30,6 +30,7 @@ from . import gc, repair
 from .control import serve_control
 from .errors import HubfsError
 from .fs import Operations
+from .materialise import DEFAULT_BUDGET_BYTES
 from .policy import HOME_DIR, Policy
 from .staging import INGEST_STEP_BYTES
 from .store import Store
@@ -109,13 +110,14 @@ def fuse_options(store: Path, allow_other: bool, extra: list[str]) -> set[str]:
 
 def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_other: bool = False,
           options: list[str] | None = None, policy: Policy | None = None,
-          ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False) -> None:
+          ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False,
+          materialise_budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
     check_mountpoint(store, mountpoint)
     opts = fuse_options(store, allow_other, options or [])
     policy = policy or Policy()
     if foreground:
         serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads,
-              ready=lambda msg: None)
+              materialise_budget_bytes, ready=lambda msg: None)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -130,7 +132,8 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_othe
                 os.write(write_end, message.encode())
                 os.close(write_end)
 
-            serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads, ready)
+            serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads,
+                  materialise_budget_bytes, ready)
         except BaseException:
             log.exception("hubfs daemon failed")
             code = 1
@@ -163,7 +166,8 @@ def _detach(store: Path) -> None:
 
 
 def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
-          ingest_step_bytes: int, checked_reads: bool, ready: Callable[[str], None]) -> None:
+          ingest_step_bytes: int, checked_reads: bool, materialise_budget_bytes: int,
+          ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
     # Worker threads chunk and hash in Python: with the default 5 ms GIL switch interval every
     # request on the trio thread could wait that long behind them.
@@ -177,7 +181,8 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         return
     node = None
     try:
-        fs = FileSystem(store, policy, ingest_step_bytes, checked_reads)
+        fs = FileSystem(store, policy, ingest_step_bytes, checked_reads,
+                        materialise_budget_bytes)
         trio.run(fs.recover)
         try:
             node = cluster_node(store, fs)

@@ -102,13 +102,18 @@ class ObjectFiles:
         with self._lock:
             self._dir_unsynced = True
 
-    def copy_in(self, fd: int) -> Path:
-        """A durable copy of the open file ``fd`` in the objects directory, not yet an object
-        (an import hashes the copy, so the object holds exactly the bytes it hashed)."""
+    def new_copy(self) -> tuple[Path, int]:
+        """A new empty file in the objects directory, open for writing, to become an object
+        (``adopt``) or be removed."""
         with self._lock:
             self._copies += 1
             path = self.directory / f"{COPY_PREFIX}{os.getpid()}-{self._copies}"
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def copy_in(self, fd: int) -> Path:
+        """A durable copy of the open file ``fd`` in the objects directory, not yet an object
+        (an import hashes the copy, so the object holds exactly the bytes it hashed)."""
+        path, out = self.new_copy()
         try:
             size, done = os.fstat(fd).st_size, 0
             while done < size:

@@ -147,6 +147,10 @@ class BackingTable:
         self._by_inode[inode] = _Backing(backing_id, source, 1)
         return backing_id
 
+    def sources(self) -> set[object]:
+        """The files backing open files now."""
+        return {held.source for held in self._by_inode.values()}
+
     def share(self, inode: int) -> int:
         """The backing id of an inode that has one, for one more open of it."""
         held = self._by_inode[inode]

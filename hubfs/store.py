@@ -267,6 +267,7 @@ class Store:
                 else:
                     dead += entry.location.stored_len
             objects = sum(1 for _ in txn.objects())
+            materialised = [size for _oid, _cid, size in txn.materialised()]
         pack_bytes = sum(f.stat().st_size for f in (self.path / "packs").glob("*.pack"))
         object_bytes = sum(self.packs.path(o).stat().st_size
                            for o in object_ids(self.path / "objects"))
@@ -282,6 +283,8 @@ class Store:
             "pack_bytes": pack_bytes,
             "object_bytes": object_bytes,
             "objects": objects,
+            "materialised_objects": len(materialised),
+            "materialised_bytes": sum(materialised),
             "index_bytes": self.index.disk_bytes(),
             "chunks": chunks,
             "dedup_ratio": round(logical / (unique + remote), 4) if unique + remote else 1.0,

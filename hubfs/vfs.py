@@ -71,9 +71,11 @@ import trio
 
 from .errors import FsError
 from .index import Inode
+from .materialise import DEFAULT_BUDGET_BYTES, Materialiser
 from .names import Names
 from .openfiles import OpenFiles, Served
 from .passthrough import BackingTable
+from .passthrough import enabled as passthrough_enabled
 from .policy import Policy
 from .staging import INGEST_STEP_BYTES
 from .store import Store
@@ -111,10 +113,12 @@ class Attributes:
 
 class FileSystem:
     def __init__(self, store: Store, policy: Policy | None = None,
-                 ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False
-                 ) -> None:
+                 ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False,
+                 materialise_budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         """``checked_reads``: never let the kernel serve bytes from objects (passthrough
-        bypasses the daemon's checksums); the daemon serves and checks every read."""
+        bypasses the daemon's checksums); the daemon serves and checks every read.
+        ``materialise_budget_bytes``: room for objects copied from chunk references when such
+        a file is opened (hubfs.materialise)."""
         self.store = store
         self.limiter = trio.CapacityLimiter(WORKER_THREADS)
         self.names = Names(store, policy or Policy())
@@ -122,6 +126,7 @@ class FileSystem:
         self.backing = BackingTable(
             "the mount was asked for checked reads (--checked-reads): the daemon serves and "
             "checks every read" if checked_reads else None)
+        self.materialiser = Materialiser(store, materialise_budget_bytes, self._thread)
         self.writeback = WriteBack(store, ingest_step_bytes, self.limiter,
                                    self.open_files.writers, self._switched,
                                    self._remove_if_unused)
@@ -273,6 +278,9 @@ class FileSystem:
             inode = self.names.inode(ino)
         else:
             inode = self.names.accessed(ino, inode)
+            if self._materialisable(ino, inode):
+                await self.materialiser.object_for(inode.content_id, inode.size,
+                                                   self.backing.sources().__contains__)
         if flags & os.O_TRUNC and writable:
             self.writeback.truncate(ino, inode, 0)
         return self._open_reply(ino, inode.content_id, writable)
@@ -304,7 +312,15 @@ class FileSystem:
         object_id = None if writable else self.store.object_of(content_id)
         if object_id is None:
             return None
+        self.materialiser.opened(object_id)
         return self._acquire(ino, object_id, self.store.packs.path(object_id), os.O_RDONLY)
+
+    def _materialisable(self, ino: int, inode: Inode) -> bool:
+        """Whether a read-only open would be kernel-served if the content had an object."""
+        return (self.backing.refused is None and passthrough_enabled()
+                and self.backing.source(ino) is None and not self.open_files.cached(ino)
+                and self.writeback.staged(ino) is None
+                and self.store.object_of(inode.content_id) is None)
 
     def _acquire(self, ino: int, source: object, path: Path, mode: int) -> int | None:
         try:
@@ -398,5 +414,7 @@ class FileSystem:
         on, why = self.backing.status()
         return {"open_files": self.open_files.open_count(),
                 "kernel_served_files": self.backing.held(),
+                "materialised_bytes": self.materialiser.used_bytes,
+                "materialise_budget_bytes": self.materialiser.budget_bytes,
                 "read_mode": "kernel (passthrough) for files with an object" if on else "daemon",
                 "read_mode_why": why, **self.writeback.counts()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -375,12 +376,12 @@ class WriteBack:
                 def read(offset: int, length: int) -> bytes | memoryview:
                     return snap.read(offset, length, self._chunk_bytes)
 
-                prepared = self.ingestor.prepare_stream(
-                    read, snap.layout.size, reuse=None if whole else reuse,
-                    new_object=objects.new_id if objects is not None and whole else None)
-                if prepared.object_id:
-                    os.fsync(staging.fd)  # the object's bytes, durable before the index
-                return prepared
+                if objects is None or not whole:
+                    return self.ingestor.prepare_stream(read, snap.layout.size, reuse=reuse)
+                # The file may become its object, whose bytes must be durable before the
+                # index names it: the disk writes them while the CPU hashes them.
+                return _fsynced_while(staging.fd, lambda: self.ingestor.prepare_stream(
+                    read, snap.layout.size, new_object=objects.new_id))
 
         async with self._prepared(prepare) as prepared:
             if prepared is None:
@@ -506,6 +507,26 @@ async def _reporting(work: Awaitable[None], what: str) -> None:
         log.error("%s (%s)", what, exc.message)
     except Exception:
         log.exception("%s", what)
+
+
+def _fsynced_while(fd: int, work: Callable[[], T]) -> T:
+    """``work()``, with ``fsync(fd)`` running beside it in a thread; both done on return."""
+    failed: list[OSError] = []
+
+    def sync() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            failed.append(exc)
+
+    syncing = threading.Thread(target=sync, name="hubfs-fsync")
+    syncing.start()
+    try:
+        return work()
+    finally:
+        syncing.join()
+        if failed:
+            raise failed[0]
 
 
 def _remove_staging_files(path: str) -> None:

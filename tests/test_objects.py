@@ -114,10 +114,14 @@ def test_rewriting_a_kernel_served_file(mounted: Mounted) -> None:
         with open(path, "rb") as reader:
             assert reader.read(8) == b"XXXX" + data[4:8]
     settled(mounted)
-    with open(path, "rb") as reader:  # updated in place: chunk references, daemon-served
+    # Updated in place, it is stored as chunk references (4 new bytes, not a second copy);
+    # opened for reading, it is copied into an object of its own and served by the kernel.
+    assert mounted.stats()["stored_bytes"] < 1.05 * FILE_BYTES
+    with open(path, "rb") as reader:
         assert reader.read() == b"XXXX" + data[4:]
-        assert status(mounted)["kernel_served_files"] == 0
-    assert len(objects(mounted)) == 1
+        assert status(mounted)["kernel_served_files"] == 1
+    stats = mounted.stats()
+    assert len(objects(mounted)) == 2 and stats["materialised_objects"] == 1, stats
 
 
 @pytest.mark.mount
@@ -199,6 +203,27 @@ def test_verify_finds_a_flipped_byte_in_an_object(store: Store) -> None:
     assert any("holds other bytes" in p for p in report.problems), report.problems
 
 
+@pytest.mark.damaged_store
+@pytest.mark.allow_warnings
+def test_repair_drops_the_mapping_to_a_damaged_object(store_path: Path) -> None:
+    """The kernel must never serve a damaged object: repair unmaps it, and verify still
+    names the file (its bytes have no other copy)."""
+    from hubfs.repair import repair
+
+    with Store(store_path) as store:
+        _commit(store, b"w.bin", os.urandom(4 << 20))
+    (obj,) = (store_path / "objects").iterdir()
+    os.chmod(obj, 0o600)
+    with open(obj, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\0rot")
+    assert repair(store_path, progress=False).objects_fixed == 1
+    with Store(store_path, readonly=True) as store:
+        with store.read() as txn:
+            assert list(txn.objects()) == []
+        assert verify(store, progress=False).damaged_files == ["/w.bin"]
+
+
 @pytest.mark.allow_warnings  # the upgrade is logged as a warning, once
 def test_a_format_1_store_is_upgraded_in_place(store_path: Path) -> None:
     """A store made before objects: read-only commands say how to upgrade it, the first
@@ -273,3 +298,65 @@ def test_non_root_mount_serves_objects_by_the_daemon(tmp_path: Path) -> None:
                        capture_output=True)
         subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, capture_output=True)
         shutil.rmtree(top)
+
+
+@pytest.mark.mount
+@kernel
+def test_copies_on_demand_stay_within_their_budget(tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
+    """Near-identical files (chunk references) get an object when opened, least recently
+    opened first out once the budget (here room for one) is full; open ones are never
+    dropped."""
+    store = tmp_path / "store"
+    Store.init(store)
+    budget = 1.5 * FILE_BYTES / (1 << 30)
+    mounted = mount_store(store, tmp_path / "mnt", "--materialise-budget-gib", str(budget))
+    try:
+        base = bytearray(os.urandom(FILE_BYTES))
+        write(mounted.path / "base.bin", bytes(base))
+        variants = {}
+        for name in ("tuned-a.bin", "tuned-b.bin"):
+            base[:4096] = os.urandom(4096)
+            variants[name] = bytes(base)
+            write(mounted.path / name, variants[name])
+        settled(mounted)
+        assert len(objects(mounted)) == 1  # the variants are chunk references
+        with open(mounted.path / "tuned-a.bin", "rb") as a:
+            assert a.read() == variants["tuned-a.bin"]
+            assert mounted.stats()["materialised_objects"] == 1
+            with open(mounted.path / "tuned-b.bin", "rb") as b:  # no room while a is open
+                assert b.read() == variants["tuned-b.bin"]
+                assert status(mounted)["kernel_served_files"] == 1
+        with open(mounted.path / "tuned-b.bin", "rb") as b:  # a is closed: b takes its room
+            assert b.read() == variants["tuned-b.bin"]
+            assert status(mounted)["kernel_served_files"] == 1
+        stats = mounted.stats()
+        assert stats["materialised_objects"] == 1, stats
+        assert stats["materialised_bytes"] == FILE_BYTES, stats
+        run_hubfs("gc", str(mounted.store))
+        assert len(objects(mounted)) == 2  # base's and b's copy
+    finally:
+        unmount_and_check(mounted, request)
+
+
+@pytest.mark.allow_warnings  # repair logs what it rebuilt
+def test_repair_rebuilds_the_content_to_object_mapping(store_path: Path) -> None:
+    """The mapping is re-derived from what the objects hold: a lost one comes back, one that
+    names a damaged object goes (the daemon then serves that content from its chunks)."""
+    from hubfs.repair import repair
+
+    data = os.urandom(4 << 20)
+    with Store(store_path) as store:
+        _commit(store, b"w.bin", data)
+        with store.read() as txn:
+            ((content, object_id),) = list(txn.objects())
+        with store.index.write() as txn:
+            txn.delete_object(content)
+    report = repair(store_path, progress=False)
+    assert report.objects_fixed == 1
+    with Store(store_path, readonly=True) as store:
+        assert store.object_of(content) == object_id
+        assert verify(store, progress=False).ok
+    exported = store_path.parent / "out"
+    assert run_hubfs("export", str(store_path), "/", str(exported)).returncode == 0
+    assert (exported / "w.bin").read_bytes() == data

@@ -20,7 +20,9 @@ def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
                                                          request: pytest.FixtureRequest) -> None:
     store = tmp_path / "store"
     Store.init(store)
-    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", "4")
+    # --checked-reads: the daemon receives the writes and ingests them (as root the kernel
+    # would write the file straight into staging, too fast to catch here)
+    mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", "4", "--checked-reads")
     done = threading.Event()
 
     def write() -> None:
