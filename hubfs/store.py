@@ -242,6 +242,16 @@ class Store:
             raw = txn.meta_get(CLUSTER_META)
         return json.loads(raw) if raw is not None else None
 
+    def held_locally(self, content_id: bytes) -> bool:
+        """Whether every chunk of a content is in this store (a cluster node may hold only
+        its chunk table: the bytes are in the bucket until read, hubfs.cluster)."""
+        with self.index.read() as txn:
+            table = txn.content(content_id)
+            if table is None:
+                return False
+            return all((e := txn.chunk(c)) is not None and not e.location.remote
+                       for c in dict.fromkeys(table.chunk_ids))
+
     def object_of(self, content_id: bytes) -> int | None:
         """The object holding a content's bytes, if it has one (hubfs.objects)."""
         with self.index.read() as txn:

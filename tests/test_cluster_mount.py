@@ -91,17 +91,19 @@ def write_tree(root: Path) -> bytes:
 
 
 def pack_bytes(node: Mounted) -> int:
-    return node.stats()["pack_bytes"]
+    """What the node's store holds of file data on disk: packs and objects."""
+    stats = node.stats()
+    return stats["pack_bytes"] + stats["object_bytes"]
 
 
 def test_tree_written_on_a_is_read_on_b(nodes: tuple[Mounted, Mounted]) -> None:
     a, b = nodes
     big = write_tree(a.path)
     report = sync(a)
-    assert report["uploads_queued"] == 0 and report["published_entries"] >= 8
+    # (the background sync may have sealed the changes before this command did)
+    assert report["uploads_queued"] == 0 and report["log_segments_published"] >= 1
     before = pack_bytes(b)
-    report = sync(b)
-    assert report["applied_paths"] >= 8
+    sync(b)
     assert tree(b.path) == tree(a.path)
     assert pack_bytes(b) == before  # names only: no bytes fetched yet
     assert b.stats()["remote_only_bytes"] == BIG_BYTES + 3 + len('{"hidden": 384}')
@@ -112,9 +114,11 @@ def test_tree_written_on_a_is_read_on_b(nodes: tuple[Mounted, Mounted]) -> None:
     grown = pack_bytes(b) - before
     read = BIG_BYTES + 3 + len('{"hidden": 384}')
     assert read <= grown <= 1.1 * read + 64 * 1024, (grown, read)
-    # read again: served from B's own store, no growth
+    # read again: served from B's own store, nothing fetched (a kernel-served copy of it
+    # may be made, within the mount's --materialise-budget-gib: hubfs.materialise)
+    packs = b.stats()["pack_bytes"]
     assert (b.path / "models/m1/blob.bin").read_bytes() == big
-    assert pack_bytes(b) - before == grown
+    assert b.stats()["pack_bytes"] == packs
     assert b.stats()["remote_only_bytes"] == 0
     # and back: B updates a ref, deletes a file, adds one; A follows
     (b.path / "models/m1/refs/main.tmp").write_text("def")
