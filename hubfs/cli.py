@@ -37,7 +37,20 @@ log = logging.getLogger(__name__)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    if args.node and not args.remote:
+        raise HubfsError("--node names a node of a cluster store: give --remote too", 2)
     Store.init(args.store, compression_policy=args.compression)
+    if args.remote:
+        from .cluster import init_remote
+
+        try:
+            config = init_remote(args.store, args.remote, args.node)
+        except BaseException:
+            shutil.rmtree(args.store, ignore_errors=True)  # made just now, empty
+            raise
+        print(f"initialised hubfs store at {args.store} (compression: {args.compression}), "
+              f"node {config.node} of the cluster store {config.remote}")
+        return 0
     print(f"initialised hubfs store at {args.store} (compression: {args.compression})")
     return 0
 
@@ -140,6 +153,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("dedup ratio", f"{stats['dedup_ratio']:.2f}x"),
         ("compression ratio", f"{stats['compression_ratio']:.2f}x"),
     ]
+    if stats["remote_only_bytes"]:
+        rows.append(("only in the cluster bucket", human_bytes(stats["remote_only_bytes"])))
     for key, value in rows:
         print(f"{key:26s} {value}")
     if len(stats["trees"]) > 1:
@@ -282,11 +297,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in report.items():
         if key == "recent_errors":
             continue
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if sub_key.endswith(("last_sync", "last_upload")) and sub_value:
+                    sub_value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sub_value))
+                print(f"{(key + ' ' + sub_key).replace('_', ' '):22} {sub_value}")
+            continue
         shown = human_bytes(value) if key in sizes else value
         print(f"{key.replace('_', ' '):22} {shown}")
     print(f"{'recent errors':22} {len(report['recent_errors']) or 'none'}")
     for line in report["recent_errors"]:
         print(f"  {line}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from . import control
+    from .mount import find_mount
+
+    info = find_mount(args.mountpoint)
+    if info is None:
+        raise HubfsError(f"{args.mountpoint} is not a hubfs mount (see `mount -t fuse.hubfs`); "
+                         "mount a cluster store there first", 2)
+    report = control.request(Path(info.source), "sync", lambda done, total: None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"published {report['published_entries']} changes; pulled "
+              f"{report['pulled_segments']} segments, {report['applied_paths']} names changed "
+              f"here; {report['uploads_queued']} uploads queued")
     return 0
 
 
@@ -423,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path)
     p.add_argument("--compression", default="auto", choices=["auto", "raw", "max"],
                    help="auto: compress chunks only where it saves >=20%% (default)")
+    p.add_argument("--remote", metavar="s3://BUCKET/PREFIX",
+                   help="make the store one node of a cluster store in this S3-compatible "
+                   "bucket (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                   "AWS_SECRET_ACCESS_KEY, AWS_REGION or the AWS config files)")
+    p.add_argument("--node", help="this node's name in the cluster (default: the host name; "
+                   "unique per node)")
     p.set_defaults(func=cmd_init)
 
     p = _command(sub, "import", "copy a directory tree into the store",
@@ -529,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", type=Path, metavar="MNT", help="a hubfs mount point")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
+
+    p = _command(sub, "sync", "publish and pull a cluster store's changes now",
+                 "Publish this node's changes (and wait until the object store has them), then "
+                 "pull the other\nnodes' changes. Without it, changes propagate every few "
+                 "seconds.", "hubfs sync ~/.cache")
+    p.add_argument("mountpoint", type=Path, metavar="MNT", help="a mount of a cluster store")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_sync)
 
     p = _command(sub, "env", "print the exports that put the ML caches in a mount",
                  "Print the shell exports (XDG_CACHE_HOME, HF_HOME, TORCH_HOME, "

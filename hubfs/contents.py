@@ -82,6 +82,8 @@ def register(txn: Txn, prepared: PreparedContent) -> bool:
                     "stored (was `hubfs gc` run at the same time?); write the file again",
                     chunk_id)
             entry = ChunkEntry(loc, 0)
+        elif loc is not None and entry.location.remote:
+            entry = ChunkEntry(loc, entry.refcount)  # now held here (hubfs.cluster)
         elif prepared.object_id and loc is not None and (not entry.location.in_object
                                                          or not entry.refcount):
             entry = ChunkEntry(loc, entry.refcount)  # a pack's copy, or one no file holds
@@ -95,8 +97,11 @@ def register_chunks(txn: Txn, chunks: dict[bytes, ChunkLocation]) -> None:
     """Index chunks that no content holds yet (a file's front, ingested while it is still
     being written); they start at refcount 0 and must be pinned against gc by the caller."""
     for chunk_id, loc in chunks.items():
-        if txn.chunk(chunk_id) is None:
+        entry = txn.chunk(chunk_id)
+        if entry is None:
             txn.put_chunk(chunk_id, ChunkEntry(loc, 0))
+        elif entry.location.remote:  # a cluster node's chunk, now held here
+            txn.put_chunk(chunk_id, ChunkEntry(loc, entry.refcount))
 
 
 def add_ref(txn: Txn, cid: bytes) -> None:

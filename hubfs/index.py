@@ -240,6 +240,9 @@ class Txn:
     def meta_put(self, key: str, value: bytes) -> None:
         self.raw.put(key.encode(), value, db=self.dbs["meta"])
 
+    def meta_delete(self, key: str) -> None:
+        self.raw.delete(key.encode(), db=self.dbs["meta"])
+
     def next_counter(self, key: str, start: int = 1) -> int:
         raw = self.meta_get(key)
         value = decoded("counter", U64.unpack, raw)[0] if raw else start

@@ -22,7 +22,7 @@ from . import compression
 from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chunk_id
 from .compression import Codec
 from .contents import EMPTY, PreparedContent, content_id
-from .index import ContentTable, Index
+from .index import ChunkEntry, ContentTable, Index
 from .objects import OBJECT_MIN_BYTES
 from .packs import ChunkLocation, PackWriter, block_sums
 
@@ -223,7 +223,7 @@ class Ingestor:
                     if h.chunk_id in missing or h.chunk_id in unused:
                         continue
                     entry = txn.chunk(h.chunk_id)
-                    if entry is None:
+                    if entry is None or entry.location.remote:  # remote: not held here
                         missing[h.chunk_id] = h
                     elif not entry.refcount:
                         unused[h.chunk_id] = h  # kept only until gc: bytes no file holds
@@ -309,7 +309,7 @@ class Ingestor:
             return
         with self.index.read() as txn:
             missing = [item for item in batch
-                       if item[0] not in new and txn.chunk(item[0]) is None]
+                       if item[0] not in new and _not_held(txn.chunk(item[0]))]
         for chunk_id, span, data in missing:
             if chunk_id in new:
                 continue
@@ -336,3 +336,8 @@ class Ingestor:
         with self._pending_lock:
             for chunk_id in ids:
                 self._pending.pop(chunk_id, None)
+
+
+def _not_held(entry: ChunkEntry | None) -> bool:
+    """A chunk this store must write: unknown, or known only to the cluster's object store."""
+    return entry is None or entry.location.remote

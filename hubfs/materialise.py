@@ -63,6 +63,8 @@ class Materialiser:
         the least recently opened copies ``in_use`` does not name."""
         if self.store.objects is None or size < OBJECT_MIN_BYTES or size > self.budget_bytes:
             return None
+        if not self.store.held_locally(content_id):
+            return None  # a cluster node's remote content: its reads fetch only what they read
         making = self._making.get(content_id)
         if making is not None:  # another open is copying it: share the result
             await making.wait()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -35,6 +35,9 @@ from .policy import HOME_DIR, Policy
 from .staging import INGEST_STEP_BYTES
 from .store import Store
 from .vfs import FileSystem
+
+if TYPE_CHECKING:
+    from .cluster import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +179,16 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
     except HubfsError as exc:
         ready(exc.message)
         return
+    node = None
     try:
         fs = FileSystem(store, policy, ingest_step_bytes, checked_reads,
                         materialise_budget_bytes)
         trio.run(fs.recover)
+        try:
+            node = cluster_node(store, fs)
+        except HubfsError as exc:
+            ready(exc.message)
+            return
         ops = Operations(fs)
         try:
             pyfuse3.init(ops, str(mountpoint), options)
@@ -200,15 +209,56 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         started = time.time()
 
         async def status(progress: Callable[[int, int], None]) -> dict[str, Any]:
-            return _status_report(fs, started, recent_errors)
+            report = _status_report(fs, started, recent_errors)
+            if node is not None:
+                report["cluster"] = node.status()
+            return report
 
-        commands = {"gc": run_gc, "gc-full": lambda progress: run_gc(progress, True),
-                    "status": status}
-        trio.run(_serve_until_stopped, fs, commands)
+        commands: dict[str, Callable[..., Any]] = {
+            "gc": run_gc, "gc-full": lambda progress: run_gc(progress, True), "status": status}
+        background = []
+        if node is not None:
+            commands["sync"] = node.sync_now
+            background.append(node.run)
+        else:
+            async def not_a_cluster(progress: Callable[[int, int], None]) -> None:
+                raise HubfsError(f"{store_path} is not a cluster store, nothing to sync: "
+                                 "make one with `hubfs init STORE --remote s3://BUCKET/PREFIX`",
+                                 2)
+
+            commands["sync"] = not_a_cluster
+        trio.run(_serve_until_stopped, fs, commands, background)
         repair.snapshot_or_warn(store.index, store.path)
         log.info("unmounted %s", mountpoint)
     finally:
+        if node is not None:
+            node.close()
         store.close()
+
+
+def cluster_node(store: Store, fs: FileSystem) -> ClusterNode | None:
+    """The cluster side of a mount of a cluster store (hubfs.cluster), started; else None."""
+    if store.cluster_config() is None:
+        return None  # a plain store: the S3 client is never imported
+    from .cluster import ClusterNode, config_of
+
+    config = config_of(store)
+    assert config is not None
+    node = ClusterNode(store, config)
+    node.busy = lambda ino: fs.writeback.busy(ino) or fs.writeback.staged(ino) is not None
+    node.unlinked = fs._remove_if_unused  # a name another node removed: as an unlink does
+    node.invalidate = _invalidate_entry
+    node.start()
+    log.info("node %s of the cluster store %s", config.node, config.remote)
+    return node
+
+
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    """A name changed behind the kernel's back (another node's change); from a worker thread."""
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError as exc:  # ENOENT: the kernel does not cache it
+        log.debug("invalidate %d %r: %s", parent, name, exc)
 
 
 class RecentErrors(logging.Handler):
@@ -243,8 +293,8 @@ def _status_report(fs: FileSystem, started: float, errors: RecentErrors) -> dict
     }
 
 
-async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]]
-                               ) -> None:
+async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[..., Any]],
+                               background: list[Callable[[], Any]] | None = None) -> None:
     """Serve requests until unmounted, then store everything still staged."""
     async with fs.running():
         try:
@@ -253,6 +303,8 @@ async def _serve_until_stopped(fs: FileSystem, commands: dict[str, Callable[...,
                 nursery.start_soon(serve_control, fs.store, commands)
                 nursery.start_soon(_snapshot_periodically, fs.store)
                 nursery.start_soon(fs.sync_periodically)
+                for task in background or []:
+                    nursery.start_soon(task)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:

@@ -63,6 +63,9 @@ OPEN_PACKS_MAX = 64
 # Chunk locations share one id space: packs count up from 1, objects (hubfs.objects: one raw
 # file per content, no record headers) carry this bit.
 OBJECT_BIT = 1 << 31
+# Pack id 0 is never a pack: a cluster node's chunk whose bytes only the object store holds
+# (hubfs.cluster); a read fetches it first. No pack file, no sums.
+REMOTE_PACK_ID = 0
 
 
 # What a user can do about pack bytes that are damaged or gone, said the same way everywhere.
@@ -103,12 +106,22 @@ class ChunkLocation:
         return bool(self.pack_id & OBJECT_BIT)
 
     @property
+    def remote(self) -> bool:
+        """Only the cluster's object store holds the bytes (``REMOTE_PACK_ID``)."""
+        return self.pack_id == REMOTE_PACK_ID
+
+    @property
     def payload_offset(self) -> int:
         return self.offset if self.in_object else self.offset + header_bytes(len(self.sums))
 
     @property
     def record_end(self) -> int:
         return self.payload_offset + self.stored_len
+
+
+def remote_location(raw_len: int) -> ChunkLocation:
+    """Where a chunk the node does not hold yet is: nowhere local (``REMOTE_PACK_ID``)."""
+    return ChunkLocation(REMOTE_PACK_ID, 0, Codec.RAW, raw_len, 0, ())
 
 
 def encode_header(chunk_id: bytes, codec: Codec, raw_len: int, stored_len: int,

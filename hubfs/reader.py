@@ -5,6 +5,11 @@ straight from the pack, only the 64 KiB checksum blocks the request touches, so 
 reads stay small. No prefetching of our own: measured, ext4's readahead on the pack files
 already streams them, and fadvise(WILLNEED) ahead of readers changed nothing. Compressed chunks are read whole, checked, decoded and kept in a byte-bounded
 LRU, because a sequential reader asks for the same chunk many times in kernel-sized pieces.
+
+On a cluster node, a chunk may be held only by the object store (``ChunkLocation.remote``):
+a read that touches one calls ``fetch`` (set by ``hubfs.cluster``; it stores the verified
+chunks locally) and reads again. ``read_without_decoding`` never fetches: it answers None, so
+the FUSE layer retries in a worker thread.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import bisect
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .compression import Codec, decode
@@ -72,11 +77,18 @@ class _LRU:
             self.used = 0
 
 
+class NotLocal(IntegrityError):
+    """A read touched a chunk only the cluster's object store holds."""
+
+
 class ContentReader:
     def __init__(self, index: Index, packs: PackFiles,
                  cache_bytes: int = DECODED_CACHE_BYTES) -> None:
         self.index = index
         self.packs = packs
+        # A cluster node's fetcher: (content id, offset, size) -> None, once the chunks that
+        # range touches are local. Blocking (network): never called on the trio thread.
+        self.fetch: Callable[[bytes, int, int], None] | None = None
         self._decoded = _LRU(cache_bytes)
         self._tables = _LRU(TABLE_CACHE_ENTRIES)
 
@@ -139,6 +151,12 @@ class ContentReader:
             # gc moved the chunks after this table was resolved: resolve again, once
             self._tables.clear()
             return self._read_once(content_id, offset, size, decode)
+        except NotLocal:
+            if self.fetch is None:
+                raise
+            self.fetch(content_id, offset, size)
+            self._tables.clear()  # the fetched chunks have local locations now
+            return self._read_once(content_id, offset, size, decode)
 
     def _read_once(self, content_id: bytes, offset: int, size: int, decode: bool
                    ) -> bytes | None:
@@ -153,6 +171,11 @@ class ContentReader:
             start = table.starts[i]
             loc = table.locations[i]
             lo, hi = pos - start, min(end - start, loc.raw_len)
+            if loc.remote:
+                if not decode:
+                    return None
+                raise NotLocal(f"content {content_id.hex()[:16]} is held by the cluster's "
+                               "object store only: read it through the node's mount", None)
             if not decode and not self.is_quick(table.chunk_ids[i], loc):
                 return None
             pieces.append(self.chunk_range(table.chunk_ids[i], loc, lo, hi))
@@ -162,10 +185,15 @@ class ContentReader:
 
     def is_quick(self, chunk_id: bytes, loc: ChunkLocation) -> bool:
         """Whether ``chunk_range`` of this chunk needs no decoding (raw, or decoded already)."""
+        if loc.remote:
+            return False
         return loc.codec == Codec.RAW or self._decoded.get(chunk_id) is not None
 
     def chunk_range(self, chunk_id: bytes, loc: ChunkLocation, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of one chunk's raw content."""
+        if loc.remote:  # a caller that knows no content to fetch it by (writeback's base)
+            raise NotLocal(f"chunk {chunk_id.hex()[:16]} is held by the cluster's object store "
+                           "only: read the file once before updating it in place", chunk_id)
         if loc.codec == Codec.RAW:
             first, last = lo // CHECK_BLOCK_BYTES, -(-hi // CHECK_BLOCK_BYTES)
             data = self.packs.read_blocks(chunk_id, loc, first, last)

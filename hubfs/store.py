@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 UPGRADABLE_FORMATS = (1,)
 MARKER = "HUBFS"
+CLUSTER_META = "cluster"  # index meta key: JSON {"remote": URL, "node": NAME} (hubfs.cluster)
 
 
 class IngestGate:
@@ -226,10 +227,30 @@ class Store:
 
     def sync_index(self) -> None:
         """Make every committed index change durable, after the names of the objects it may
-        name (a durable index never points at an object an OS crash could lose)."""
+        name and the pack bytes it may point at (a durable index never points at data an OS
+        crash could lose; chunks a cluster node fetched commit before their packs sync)."""
         if self.objects is not None:
             self.objects.sync_directory()
+        if self.writer is not None:
+            self.writer.sync()
         self.index.sync()
+
+    def cluster_config(self) -> dict[str, str] | None:
+        """``{"remote": URL, "node": NAME}`` if this store is a node of a cluster store
+        (hubfs.cluster; kept apart so that a plain store never imports the S3 client)."""
+        with self.index.read() as txn:
+            raw = txn.meta_get(CLUSTER_META)
+        return json.loads(raw) if raw is not None else None
+
+    def held_locally(self, content_id: bytes) -> bool:
+        """Whether every chunk of a content is in this store (a cluster node may hold only
+        its chunk table: the bytes are in the bucket until read, hubfs.cluster)."""
+        with self.index.read() as txn:
+            table = txn.content(content_id)
+            if table is None:
+                return False
+            return all((e := txn.chunk(c)) is not None and not e.location.remote
+                       for c in dict.fromkeys(table.chunk_ids))
 
     def object_of(self, content_id: bytes) -> int | None:
         """The object holding a content's bytes, if it has one (hubfs.objects)."""
@@ -245,9 +266,11 @@ class Store:
                     files += 1
                     logical += inode.size
             trees = _tree_stats(txn)
-            chunks = unique = stored = dead = 0
+            chunks = unique = stored = dead = remote = 0
             for _cid, entry in txn.chunks():
-                if entry.refcount > 0:
+                if entry.location.remote:  # a cluster node's chunk not fetched (yet)
+                    remote += entry.location.raw_len if entry.refcount > 0 else 0
+                elif entry.refcount > 0:
                     chunks += 1
                     unique += entry.location.raw_len
                     stored += entry.location.stored_len
@@ -266,6 +289,7 @@ class Store:
             "stored_bytes": stored_bytes,
             "chunk_stored_bytes": stored,
             "unreferenced_bytes": dead,
+            "remote_only_bytes": remote,
             "pack_bytes": pack_bytes,
             "object_bytes": object_bytes,
             "objects": objects,
@@ -273,7 +297,7 @@ class Store:
             "materialised_bytes": sum(materialised),
             "index_bytes": self.index.disk_bytes(),
             "chunks": chunks,
-            "dedup_ratio": round(logical / unique, 4) if unique else 1.0,
+            "dedup_ratio": round(logical / (unique + remote), 4) if unique + remote else 1.0,
             "compression_ratio": round(unique / stored, 4) if stored else 1.0,
             "trees": trees,
         }

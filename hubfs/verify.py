@@ -195,6 +195,8 @@ def _check_chunks(chunks: dict[bytes, ChunkEntry],
     bad: set[bytes] = set()
     for chunk_id, entry in chunks.items():
         loc = entry.location
+        if loc.remote:
+            continue  # a cluster node's chunk that only the object store holds (yet)
         if good.get((loc.pack_id, loc.offset)) != (chunk_id, loc):
             bad.add(chunk_id)
             if entry.refcount:

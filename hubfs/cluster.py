@@ -1,0 +1,787 @@
+"""A store as one node of a cluster store: the wiring of remote, upload queue and namespace log.
+
+``remote`` (bytes in the bucket), ``upload_queue`` (what must reach it) and ``namespace_log`` /
+``cluster_sync`` (the shared namespace) know nothing of a store or a mount; this module ties
+them to both. ``hubfs init STORE --remote URL`` calls ``init_remote``; a mount of such a store
+runs one ``ClusterNode`` in its daemon.
+
+Semantics (what a user of a cluster gets)
+-----------------------------------------
+*What is shared.* Every regular file, directory and symlink under the mount, with its
+permission bits, owner, group and (files) mtime, size and content. Not shared: xattrs, hard
+links as links (each name is a file of its own on other nodes), device nodes, FIFOs, sockets,
+atimes and ctimes, locks (``flock`` is node-local). Names that are not UTF-8 stay local.
+
+*How a node finds its own changes.* By comparison, not by hooks in every operation: at each
+sync the node walks its namespace and compares every path with the view it last agreed with
+(``View.tree()``, kept in the index). Each difference becomes an entry stamped with the node's
+hybrid clock at that moment; a path gone is a tombstone. A file being written is not seen until
+its content is committed (so a half-written file is never published), and a crash loses
+nothing: the namespace is the outbox. The price: a change is timestamped when the sync sees it
+(≤ ``SYNC_INTERVAL_S`` late), and the walk costs O(files) per sync that follows a local index
+change (skipped while the index has not changed). A rename is a tombstone plus a new entry.
+
+*Order of one sync* (``sync_once``, serialised): (1) seal: walk, diff, queue each new content
+for upload (``UploadQueue.put_content``, durable), merge the node's entries into its view and
+seal them as segment SEQ; the view, SEQ+1 and the sealed segment's bytes commit in one index
+transaction, then the segment is queued (``put_object``) and its bytes dropped from the index.
+A crash between the two queues the same bytes again at the next mount. The queue sends jobs in
+order, so a segment is published only after the contents it names. (2) pull: the bucket's newer
+snapshots and segments are merged into a copy of the view (off the trio thread), the chunk
+tables of new contents fetched, then (3) apply, on the trio thread in one index transaction
+with the new view: every path whose entry in the merged tree changed is made so locally
+(created, replaced by a new inode, removed). A path the node changed itself meanwhile is left
+alone (its change is published at the next sync and wins by its later timestamp). Last writer
+wins per path, by hybrid timestamp, on every node alike (``namespace_log``).
+
+*Contents the node does not hold.* An applied file gets an inode with its size and content id;
+the content's chunk table is registered with the chunks at ``packs.REMOTE_PACK_ID`` (no local
+bytes), reference-counted like any other. A read that touches such chunks (``ContentReader``
+calls ``fetch``, in a worker thread) fetches them (at least ``FETCH_FIRST_BYTES``) as parallel
+``Remote.fetch_chunks`` range GETs (every chunk checked against its BLAKE3 id), appends them raw
+to a pack and re-points their index entries, then fetches up to ``FETCH_AHEAD_WINDOWS`` windows
+of ``FETCH_AHEAD_BYTES`` after them in the background for a sequential reader: the node's disk
+grows by what it read, plus at most those windows per content. That commit waits for no fsync:
+the mount's index is durable only at ``Store.sync_index``, which syncs the packs first. A file
+replaced by another node is a new inode here, so no page cache holds its old bytes (processes
+that hold the old one open keep reading it, as after a local rename over it). Such files are
+served by the daemon, not by the kernel from objects. A remote that does not answer fails the
+read with EIO within ``MOUNT_DEADLINE_S`` plus the connect and read timeouts (about 13 s), with
+one log line per outage; a damaged object fails it with EIO and an error naming the object.
+``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
+
+*Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
+while the remote is down; a content another node uploaded is found by a HEAD and not sent.
+
+*Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments, publishes
+a snapshot of its merged view (``ClusterLog.compact``, on a copy: the local namespace follows it
+at the next pull) and prunes (``ClusterLog.prune``).
+
+*Costs.* Each sync that follows a local index change walks the namespace; each sync that
+changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
+thousands of files; a tree of millions wants per-operation entries and an incremental view.
+
+Missing (said here so that nobody assumes it): ``--cache-size`` eviction; a test of compaction
+through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
+reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
+before reading it fails with EIO; a new file or a rename is fine); an index snapshot taken
+between a fetch and the next ``sync_index`` may name fetched chunks an OS crash then loses
+(``verify --repair`` from it reports those files rather than marking them remote again).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import namespace
+from .cluster_sync import (
+    COMPACT_AFTER_SEGMENTS,
+    SYNC_INTERVAL_S,
+    ClusterLog,
+    join_cluster,
+    segment_key,
+)
+from .compression import Codec
+from .contents import EMPTY
+from .errors import FsError, HubfsError, RemoteError, RemoteIntegrityError
+from .index import ROOT_INO, ChunkEntry, ContentTable, Inode, Txn
+from .namespace_log import (
+    DamagedObject,
+    Entry,
+    HybridClock,
+    Kind,
+    Outbox,
+    Segment,
+    View,
+    check_node_name,
+    decode_segment,
+    decode_snapshot,
+    encode_segment,
+    encode_snapshot,
+)
+from .packs import remote_location
+from .remote import Remote
+from .store import CLUSTER_META, Store
+from .upload_queue import ContentSource, UploadQueue
+
+log = logging.getLogger(__name__)
+
+VIEW_META = "cluster_view"  # the node's view, as a snapshot object (gen = its snapshot_gen)
+SEQ_META = "cluster_next_seq"  # decimal: the sequence number of the node's next segment
+SEALED_META = "cluster_sealed"  # a sealed segment not queued yet (a crash came between)
+UPLOADS_DIR = "uploads"
+FETCH_FIRST_BYTES = 4 << 20
+FETCH_AHEAD_BYTES = 32 << 20
+FETCH_AHEAD_WINDOWS = 2
+FETCH_PART_BYTES = 8 << 20  # a window is fetched as parallel range GETs of this size
+FETCH_THREADS = 4
+FETCH_LOCKS = 64
+# A read of remote-only data fails (EIO) within about deadline + connect + read timeouts.
+MOUNT_CONNECT_TIMEOUT_S = 2.0
+MOUNT_READ_TIMEOUT_S = 5.0
+MOUNT_DEADLINE_S = 6.0
+SYNC_UPLOAD_WAIT_S = 300.0  # `hubfs sync` waits this long for the queue to drain
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    remote: str
+    node: str
+
+
+def config_of(store: Store) -> ClusterConfig | None:
+    doc = store.cluster_config()
+    return ClusterConfig(str(doc["remote"]), str(doc["node"])) if doc else None
+
+
+def default_node_name() -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return name[:64] or "node"
+
+
+def init_remote(store_path: Path, url: str, node: str | None) -> ClusterConfig:
+    """Make a new store one node of the cluster store at ``url`` (``hubfs init --remote``)."""
+    node = node or default_node_name()
+    try:
+        check_node_name(node)
+    except ValueError as exc:
+        raise HubfsError(f"--node: {exc}", 2) from None
+    remote = Remote(url)
+    with Store(store_path) as store:
+        join_cluster(remote, {"chunker": store.settings["chunker"]})
+        seq = ClusterLog(remote, node).next_seq()
+        if seq > 1:
+            raise HubfsError(f"{remote.url} already has a node named {node!r}: give this one "
+                             "another name with --node", 2)
+        config = ClusterConfig(str(remote.url), node)
+        with store.metadata_write() as txn:
+            txn.meta_put(CLUSTER_META, json.dumps(config.__dict__).encode())
+            txn.meta_put(SEQ_META, b"1")
+    log.info("store %s is node %s of %s", store_path, node, remote.url)
+    return config
+
+
+# ---- the local namespace as paths ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Local:
+    ino: int
+    inode: Inode
+
+
+def _kind(inode: Inode) -> Kind | None:
+    fmt = stat.S_IFMT(inode.mode)
+    return {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}.get(fmt)
+
+
+def walk(txn: Txn) -> dict[str, Local]:
+    """Every shared path of the namespace (regular files, directories, symlinks)."""
+    out: dict[str, Local] = {}
+    stack: list[tuple[int, str]] = [(ROOT_INO, "")]
+    while stack:
+        ino, prefix = stack.pop()
+        for _seq, raw_name, child in txn.dir_entries(ino):
+            try:
+                name = raw_name.decode()
+            except UnicodeDecodeError:
+                continue
+            inode = txn.inode(child)
+            if inode is None or _kind(inode) is None:
+                continue
+            path = f"{prefix}/{name}" if prefix else name
+            out[path] = Local(child, inode)
+            if stat.S_ISDIR(inode.mode):
+                stack.append((child, path))
+    return out
+
+
+def _local_sig(inode: Inode | None) -> tuple[object, ...] | None:
+    if inode is None:
+        return None
+    kind = _kind(inode)
+    perm, owner = stat.S_IMODE(inode.mode), (inode.uid, inode.gid)
+    if kind is Kind.FILE:
+        return ("f", perm, owner, inode.mtime_ns, inode.size,
+                inode.content_id or EMPTY.content_id)
+    if kind is Kind.DIR:
+        return ("d", perm, owner)
+    if kind is Kind.SYMLINK:
+        return ("l", owner, inode.target.decode(errors="surrogateescape"))
+    return None
+
+
+def _entry_sig(e: Entry | None) -> tuple[object, ...] | None:
+    if e is None or not e.live:
+        return None
+    owner = (e.uid, e.gid)
+    if e.kind is Kind.FILE:
+        return ("f", e.mode, owner, e.mtime_ns, e.size, e.content)
+    if e.kind is Kind.DIR:
+        return ("d", e.mode, owner)
+    return ("l", owner, e.target)
+
+
+def _entry_of(path: str, inode: Inode, clock: HybridClock) -> Entry:
+    kind = _kind(inode)
+    assert kind is not None
+    return Entry(path, kind, clock.now(), stat.S_IMODE(inode.mode), inode.uid, inode.gid,
+                 inode.mtime_ns, inode.size if kind is Kind.FILE else 0,
+                 (inode.content_id or EMPTY.content_id) if kind is Kind.FILE else None,
+                 inode.target.decode() if kind is Kind.SYMLINK else None)
+
+
+def local_changes(local: dict[str, Local], base: dict[str, Entry], clock: HybridClock
+                  ) -> list[Entry]:
+    """The node's own changes: where its namespace differs from the tree it last agreed on."""
+    out = []
+    for path, item in sorted(local.items()):
+        if _local_sig(item.inode) != _entry_sig(base.get(path)):
+            try:
+                out.append(_entry_of(path, item.inode, clock))
+            except (UnicodeDecodeError, ValueError):
+                continue  # a symlink target that is not UTF-8 stays local
+    for path, entry in sorted(base.items()):
+        if path not in local:
+            out.append(entry.tombstone(clock.now()))
+    return out
+
+
+def register_remote(txn: Txn, cid: bytes, table: ContentTable) -> None:
+    """Make a content the node does not hold known to the index: its chunks the store lacks
+    get remote locations; references are counted as for any content (``contents.register``)."""
+    if txn.content(cid) is not None:
+        return
+    for chunk_id, length in zip(table.chunk_ids, table.lengths):
+        entry = txn.chunk(chunk_id) or ChunkEntry(remote_location(length), 0)
+        txn.put_chunk(chunk_id, ChunkEntry(entry.location, entry.refcount + 1))
+    txn.put_content(cid, table)
+
+
+class TableMissing(Exception):
+    """A content the pull took for known is gone: the apply is retried at the next sync."""
+
+
+@dataclass
+class Applied:
+    """What an apply did that the mount must follow up on the trio thread."""
+
+    names: list[tuple[int, bytes]]  # (parent, name) created or replaced
+    removed: list[tuple[int, bytes]]  # (parent, name) gone or replaced: the kernel may cache
+    unlinked: list[int]  # inodes that lost a name (drop them once unused)
+    skipped: int = 0
+
+
+def apply_tree(txn: Txn, old: dict[str, Entry], new: dict[str, Entry],
+               local: dict[str, Local], tables: dict[bytes, ContentTable],
+               busy: Callable[[int], bool]) -> Applied:
+    """Make the local namespace follow the merged tree where it changed (``old`` -> ``new``),
+    except at paths the node changed itself since it last agreed on ``old``."""
+    changed = sorted(p for p in old.keys() | new.keys()
+                     if _entry_sig(old.get(p)) != _entry_sig(new.get(p)))
+    out = Applied([], [], [])
+    inos: dict[str, int] = {p: item.ino for p, item in local.items()}
+    inos[""] = ROOT_INO
+    skip: set[str] = set()
+    for path in changed:
+        here = local.get(path)
+        if _local_sig(here.inode if here else None) != _entry_sig(old.get(path)) or \
+                (here is not None and busy(here.ino)):
+            skip.add(path)
+    out.skipped = len(skip)
+    # removals (and replacements) deepest first
+    for path in reversed(changed):
+        here = local.get(path)
+        want = new.get(path)
+        if path in skip or here is None:
+            continue
+        if want is not None and want.kind is Kind.DIR and stat.S_ISDIR(here.inode.mode):
+            continue  # a directory's attributes change in place
+        parent, name = _split(path, inos)
+        if parent is None:
+            continue
+        try:
+            if stat.S_ISDIR(here.inode.mode):
+                if txn.dir_has_entries(here.ino):
+                    skip.add(path)
+                    continue
+                namespace.rmdir(txn, parent, name)
+            else:
+                namespace.unlink(txn, parent, name)
+        except FsError:
+            skip.add(path)
+            continue
+        out.unlinked.append(here.ino)
+        out.removed.append((parent, name))
+        inos.pop(path, None)
+    for path in changed:
+        want = new.get(path)
+        if path in skip or want is None:
+            continue
+        parent, name = _split(path, inos)
+        if parent is None:
+            continue
+        found = txn.dirent(parent, name)
+        if found is not None:
+            inode = txn.inode(found[0])
+            if inode is not None and want.kind is Kind.DIR and stat.S_ISDIR(inode.mode):
+                txn.put_inode(found[0], inode.with_(mode=stat.S_IFDIR | want.mode, uid=want.uid,
+                                                    gid=want.gid))
+                inos[path] = found[0]
+            continue
+        times = (want.mtime_ns, want.mtime_ns)
+        if want.kind is Kind.DIR:
+            ino = namespace.create(txn, parent, name, stat.S_IFDIR | want.mode, want.uid,
+                                   want.gid, times_ns=times)
+        elif want.kind is Kind.SYMLINK:
+            assert want.target is not None
+            ino = namespace.create(txn, parent, name, stat.S_IFLNK | 0o777, want.uid, want.gid,
+                                   target=os.fsencode(want.target), times_ns=times)
+        else:
+            assert want.content is not None
+            content = None
+            if want.content != EMPTY.content_id:
+                if txn.content(want.content) is None:
+                    if want.content not in tables:  # dropped here since the pull looked
+                        raise TableMissing(want.content.hex())
+                    register_remote(txn, want.content, tables[want.content])
+                content = (want.content, want.size)
+            ino = namespace.create(txn, parent, name, stat.S_IFREG | want.mode, want.uid,
+                                   want.gid, content=content, times_ns=times)
+        inos[path] = ino
+        out.names.append((parent, name))
+    return out
+
+
+def _split(path: str, inos: dict[str, int]) -> tuple[int | None, bytes]:
+    parent, _, name = path.rpartition("/")
+    return inos.get(parent), name.encode()
+
+
+# ---- reading contents for upload ----------------------------------------------------------
+
+
+class _ContentStream(io.RawIOBase):
+    """A local content's bytes, read through the store's reader (for the upload queue)."""
+
+    def __init__(self, store: Store, cid: bytes, size: int) -> None:
+        self._store, self._cid, self._size, self._pos = store, cid, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        data = self._store.reader.read(self._cid, self._pos, len(buf))
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def content_source(store: Store) -> Callable[[bytes], ContentSource | None]:
+    def source(cid: bytes) -> ContentSource | None:
+        with store.read() as txn:
+            table = txn.content(cid)
+            if table is None:
+                return None
+            for chunk_id in table.chunk_ids:
+                entry = txn.chunk(chunk_id)
+                if entry is None or entry.location.remote:
+                    return None  # not all here: the remote had it (another node sent it)
+        return ContentSource(table.lengths, table.chunk_ids,
+                             lambda: io.BufferedReader(_ContentStream(store, cid, table.size),
+                                                       4 << 20))
+    return source
+
+
+# ---- the node in the mount's daemon -------------------------------------------------------
+
+
+class ClusterNode:
+    """One mount's side of the cluster: sync loop, upload queue, lazy fetches."""
+
+    def __init__(self, store: Store, config: ClusterConfig) -> None:
+        self.store = store
+        self.config = config
+        self.remote = Remote(config.remote, connect_timeout_s=MOUNT_CONNECT_TIMEOUT_S,
+                             read_timeout_s=MOUNT_READ_TIMEOUT_S, deadline_s=MOUNT_DEADLINE_S)
+        self.log = ClusterLog(self.remote, config.node)
+        self.queue = UploadQueue(store.path / UPLOADS_DIR, self.remote, content_source(store))
+        self.view = View()
+        self.last_sync: float | None = None
+        self.last_error: str | None = None
+        self.fetched_bytes = 0
+        self._lock = trio.Lock()  # one sync at a time
+        self._seen_txn = -1  # the index's last transaction when the node last looked
+        # fetches of one content wait for each other (a lock per content id's hash)
+        self._fetch_locks = [threading.Lock() for _ in range(FETCH_LOCKS)]
+        self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="hubfs-fetch")
+        self._ahead: dict[bytes, threading.Thread] = {}  # fetches ahead, one per content
+        self._ahead_goal: dict[bytes, int] = {}
+        self._ahead_guard = threading.Lock()
+        self._closing = False
+        self._outage = False
+        # set by the mount: is an inode busy (written), and tell the kernel a name changed
+        self.busy: Callable[[int], bool] = lambda ino: False
+        self.invalidate: Callable[[int, bytes], None] = lambda parent, name: None
+        self.unlinked: Callable[[int], None] = lambda ino: None
+        self._load()
+
+    def _load(self) -> None:
+        with self.store.read() as txn:
+            raw = txn.meta_get(VIEW_META)
+            seq = txn.meta_get(SEQ_META)
+            sealed = txn.meta_get(SEALED_META)
+        if raw is not None:
+            try:
+                snap = decode_snapshot(raw, f"{self.store.path} cluster view")
+            except DamagedObject as exc:
+                raise HubfsError(f"{exc}: the node's view of the cluster is damaged; "
+                                 "`hubfs verify --repair` restores an index snapshot", 3) from None
+            self.view = View({e.path: e for e in snap.entries}, dict(snap.frontier), snap.gen)
+            top = self.view.max_hlc()
+            if top is not None:
+                self.log.clock.observe(top)
+        self.next_seq = int(seq or b"1")
+        self._compacted_upto = self._compaction_mark()
+        if sealed is not None:
+            self._queue_sealed(sealed)
+
+    def start(self) -> None:
+        self.queue.start()
+        self.store.reader.fetch = self.fetch
+
+    def close(self) -> None:
+        self.store.reader.fetch = None
+        with self._ahead_guard:
+            self._closing = True
+            running = list(self._ahead.values())
+        for thread in running:  # they write to the store, which closes next
+            thread.join()
+        self._pool.shutdown()
+        self.queue.close()
+
+    # ---- sync ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sync every ``SYNC_INTERVAL_S`` until cancelled."""
+        while True:
+            try:
+                await self.sync_once()
+            except HubfsError as exc:
+                if self.last_error != exc.message:
+                    log.warning("cluster sync: %s; retried every %.0f s", exc.message,
+                                SYNC_INTERVAL_S)
+                self.last_error = exc.message
+            except Exception:
+                log.exception("cluster sync failed; retried in %.0f s", SYNC_INTERVAL_S)
+            await trio.sleep(SYNC_INTERVAL_S)
+
+    async def sync_now(self, progress: Callable[[int, int], None]) -> dict[str, Any]:
+        """``hubfs sync``: publish the node's changes, wait until they are in the bucket,
+        then pull the other nodes' changes."""
+        first = await self.sync_once()
+        self.queue.kick()
+        drained = await trio.to_thread.run_sync(self.queue.wait_empty, SYNC_UPLOAD_WAIT_S)
+        if not drained:
+            st = self.queue.status()
+            raise HubfsError(f"{self.remote.url}: {st.queued} uploads still queued after "
+                             f"{SYNC_UPLOAD_WAIT_S:.0f}s ({st.last_error or 'slow'}); they go on "
+                             "in the background", 5)
+        report = await self.sync_once()
+        for key, value in first.items():
+            report[key] += value
+        return {**report, **self.status()}
+
+    async def sync_once(self) -> dict[str, int]:
+        async with self._lock:
+            try:
+                published = await self._seal()
+                pulled, applied, skipped = await self._pull()
+                await self._compact_if_due()
+            except HubfsError as exc:
+                self.last_error = exc.message
+                raise
+            self.last_error = None
+            self.last_sync = time.time()
+            return {"published_entries": published, "pulled_segments": pulled,
+                    "applied_paths": applied, "skipped_paths": skipped}
+
+    def _compaction_mark(self) -> int:
+        return (self.next_seq - 1) // COMPACT_AFTER_SEGMENTS * COMPACT_AFTER_SEGMENTS
+
+    async def _compact_if_due(self) -> None:
+        """Every ``COMPACT_AFTER_SEGMENTS`` of its own segments, a node writes a snapshot of
+        the merged view and prunes what older snapshots cover, so that a new or long-offline
+        node reads a snapshot and a few segments, not the whole history."""
+        mark = self._compaction_mark()
+        if mark <= self._compacted_upto:
+            return
+        scratch = View(dict(self.view.entries), dict(self.view.frontier),
+                       self.view.snapshot_gen)
+
+        def compact() -> None:
+            gen = self.log.compact(scratch)
+            if gen is not None:
+                self.log.prune()
+
+        await trio.to_thread.run_sync(compact)
+        self._compacted_upto = mark
+
+    def _txn_id(self) -> int:
+        return int(self.store.index.env.info()["last_txnid"])
+
+    async def _seal(self) -> int:
+        seen = self._txn_id()
+        if seen == self._seen_txn:
+            return 0
+        with self.store.read() as txn:
+            local = walk(txn)
+        own = local_changes(local, self.view.tree(), self.log.clock)
+        if not own:
+            self._seen_txn = seen
+            return 0
+        new_contents = sorted({e.content for e in own if e.kind is Kind.FILE and e.content
+                               and e.content != EMPTY.content_id})
+        await trio.to_thread.run_sync(self._queue_contents, new_contents)
+        outbox = Outbox(self.config.node)
+        for e in own:
+            outbox.add(e)
+        seg = outbox.seal(self.next_seq)
+        assert seg is not None
+        data = encode_segment(seg)
+        view = View(dict(self.view.entries), dict(self.view.frontier), self.view.snapshot_gen)
+        view.merge_all(own)
+        with self.store.metadata_write() as txn:
+            _save_view(txn, view)
+            txn.meta_put(SEQ_META, str(seg.seq + 1).encode())
+            txn.meta_put(SEALED_META, data)
+        self.view, self.next_seq = view, seg.seq + 1  # committed
+        await trio.to_thread.run_sync(self._queue_sealed, data)
+        self._seen_txn = seen
+        log.info("cluster: segment %d sealed (%d entries)", seg.seq, len(seg.entries))
+        return len(seg.entries)
+
+    def _queue_contents(self, cids: list[bytes]) -> None:
+        source = self.queue.source
+        for cid in cids:
+            if source(cid) is not None:  # not held here: it came from the remote
+                self.queue.put_content(cid)
+
+    def _queue_sealed(self, data: bytes) -> None:
+        seg: Segment = decode_segment(data, "sealed segment")
+        self.queue.put_object(segment_key(seg.node, seg.seq), data)
+        with self.store.metadata_write() as txn:
+                txn.meta_delete(SEALED_META)
+
+    async def _pull(self) -> tuple[int, int, int]:
+        scratch = View(dict(self.view.entries), dict(self.view.frontier),
+                       self.view.snapshot_gen)
+
+        def pull() -> tuple[int, dict[bytes, ContentTable]]:
+            report = self.log.pull(scratch)
+            tables: dict[bytes, ContentTable] = {}
+            if not report.changed:
+                return report.segments, tables
+            with self.store.read() as txn:
+                wanted = {e.content for e in report.changed
+                          if e.kind is Kind.FILE and e.content and e.content != EMPTY.content_id
+                          and txn.content(e.content) is None}
+            for cid in sorted(wanted):  # type: ignore[type-var]
+                assert cid is not None
+                t = self.remote.content_table(cid)
+                tables[cid] = ContentTable(t.size, t.chunk_ids, t.chunk_lengths)
+            return report.segments, tables
+
+        segments, tables = await trio.to_thread.run_sync(pull)
+        if scratch.frontier == self.view.frontier and scratch.snapshot_gen == \
+                self.view.snapshot_gen:
+            return segments, 0, 0
+        old_tree, new_tree = self.view.tree(), scratch.tree()
+        try:
+            with self.store.metadata_write() as txn:
+                local = walk(txn)
+                done = apply_tree(txn, old_tree, new_tree, local, tables, self.busy)
+                _save_view(txn, scratch)
+            self.view = scratch  # committed
+        except TableMissing as exc:
+            log.info("cluster: content %s went away during the pull; applied at the next "
+                     "sync", exc)
+            return segments, 0, 0
+        for ino in done.unlinked:
+            self.unlinked(ino)
+        if done.removed:
+            await trio.to_thread.run_sync(self._invalidate, done.removed)
+        applied = len(done.names) + len(done.removed)
+        if applied or done.skipped:
+            log.info("cluster: %d segments pulled, %d names changed, %d left to local "
+                     "changes", segments, applied, done.skipped)
+        return segments, applied, done.skipped
+
+    def _invalidate(self, names: list[tuple[int, bytes]]) -> None:
+        """Tell the kernel that names it may have cached changed (a worker thread: the call
+        waits for requests on those directories, which the trio thread serves)."""
+        for parent, name in names:
+            self.invalidate(parent, name)
+
+    # ---- lazy reads -----------------------------------------------------------------------
+
+    def _lock_of(self, cid: bytes) -> threading.Lock:
+        return self._fetch_locks[int.from_bytes(cid[:4], "little") % FETCH_LOCKS]
+
+    def fetch(self, cid: bytes, offset: int, size: int) -> None:
+        """Make the chunks a read touches local (ContentReader.fetch; a worker thread): the
+        chunks of ``FETCH_FIRST_BYTES`` from the read in the foreground, the
+        ``FETCH_AHEAD_BYTES`` after them in the background, so that a sequential reader rarely
+        waits for the network (what the background fetches is what a sequential reader reads
+        next; a random reader's disk grows by at most one window per stall)."""
+        size = max(size, FETCH_FIRST_BYTES)
+        with self._lock_of(cid):
+            try:
+                self._fetch(cid, offset, size)
+            except RemoteIntegrityError as exc:
+                log.error("%s", exc.message)
+                raise FsError(errno.EIO, exc.message) from None
+            except RemoteError as exc:
+                if not self._outage:
+                    log.error("reads of data only the cluster holds fail: %s", exc.message)
+                self._outage = True
+                raise FsError(errno.EIO, exc.message) from None
+        if self._outage:
+            log.info("%s answers again: reads of remote data work", self.remote.url)
+            self._outage = False
+        self._fetch_ahead(cid, offset + size)
+
+    def _fetch_ahead(self, cid: bytes, offset: int) -> None:
+        """Fetch up to ``FETCH_AHEAD_WINDOWS`` windows after ``offset`` in the background
+        (one thread per content; a later call moves its goal further)."""
+        goal = offset + FETCH_AHEAD_WINDOWS * FETCH_AHEAD_BYTES
+        with self._ahead_guard:
+            if self._closing:
+                return
+            if cid in self._ahead:
+                self._ahead_goal[cid] = max(self._ahead_goal[cid], goal)
+                return
+            self._ahead_goal[cid] = goal
+            self._ahead[cid] = threading.Thread(target=self._run_ahead, args=(cid, offset),
+                                                name="hubfs-fetch-ahead", daemon=True)
+            self._ahead[cid].start()
+
+    def _run_ahead(self, cid: bytes, pos: int) -> None:
+        try:
+            while True:
+                with self._ahead_guard:
+                    if self._closing or pos >= self._ahead_goal[cid]:
+                        return
+                with self._lock_of(cid):  # per window: a reader elsewhere gets its turn
+                    if not self._fetch(cid, pos, FETCH_AHEAD_BYTES):
+                        return  # the content's end
+                pos += FETCH_AHEAD_BYTES
+        except (HubfsError, FsError) as exc:  # the read that needs it will say so
+            log.info("fetch ahead of content %s: %s", cid.hex()[:16], exc)
+        finally:
+            with self._ahead_guard:
+                self._ahead.pop(cid, None)
+                self._ahead_goal.pop(cid, None)
+
+    def _fetch(self, cid: bytes, offset: int, size: int) -> bool:
+        """Fetch the remote chunks of a range; False if it starts past the content's end."""
+        writer = self.store.writer
+        assert writer is not None
+        with self.store.read() as txn:
+            table = txn.content(cid)
+            if table is None:
+                raise FsError(errno.EIO, f"content {cid.hex()[:16]} is not in the index")
+            if offset >= table.size:
+                return False
+            if not any((e := txn.chunk(c)) is None or e.location.remote
+                       for c in _chunks_in(table, offset, size)):
+                return True  # held already (fetched by another thread meanwhile)
+        end = min(offset + size, table.size)
+        starts = range(offset, end, FETCH_PART_BYTES)
+        parts = list(self._pool.map(
+            lambda start: self.remote.fetch_chunks(cid, start, min(FETCH_PART_BYTES,
+                                                                   end - start)), starts))
+        with self.store.ingest_gate.shared():
+            placed = {}
+            with self.store.read() as txn:
+                for chunk_id, data in (c for got in parts for c in got.chunks()):
+                    entry = txn.chunk(chunk_id)
+                    if entry is not None and entry.location.remote and chunk_id not in placed:
+                        placed[chunk_id] = (len(data), data)
+            if not placed:
+                return True
+            locations = {chunk_id: writer.append(chunk_id, Codec.RAW, n, data)
+                         for chunk_id, (n, data) in placed.items()}
+            # No fsync here: the mount's index commits are durable only at its next
+            # ``sync_index``, which syncs the packs first (a fetched chunk can be fetched again).
+            with self.store.metadata_write() as txn:
+                for chunk_id, loc in locations.items():
+                    entry = txn.chunk(chunk_id)
+                    if entry is not None and entry.location.remote:
+                        txn.put_chunk(chunk_id, ChunkEntry(loc, entry.refcount))
+        self.fetched_bytes += sum(n for n, _ in placed.values())
+        return True
+
+    # ---- reports --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        q = self.queue.status()
+        st = self.remote.stats
+        return {
+            "remote": self.config.remote,
+            "node": self.config.node,
+            "uploads_queued": q.queued,
+            "uploads_sent": q.sent,
+            "uploads_failed": q.failed,
+            "last_upload": q.last_success,
+            "upload_error": q.last_error,
+            "last_sync": self.last_sync,
+            "sync_error": self.last_error,
+            "log_segments_published": self.next_seq - 1,
+            "fetched_bytes": self.fetched_bytes,
+            "remote_bytes_down": st.bytes_down,
+            "remote_bytes_up": st.bytes_up,
+            "remote_requests": st.requests,
+        }
+
+
+def _save_view(txn: Txn, view: View) -> None:
+    txn.meta_put(VIEW_META, encode_snapshot(view.snapshot(view.snapshot_gen)))
+
+
+def _chunks_in(table: ContentTable, offset: int, size: int) -> list[bytes]:
+    out, pos = [], 0
+    end = offset + size
+    for chunk_id, length in zip(table.chunk_ids, table.lengths):
+        if pos + length > offset and pos < end:
+            out.append(chunk_id)
+        pos += length
+        if pos >= end:
+            break
+    return out
