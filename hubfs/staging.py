@@ -350,12 +350,14 @@ class Staging:
         return written
 
     def refresh(self) -> None:
-        """Take in what the kernel wrote into a ``kernel_written`` file: its size, and its
-        mtime when a write moved it (a utime set through the daemon holds until then)."""
+        """Take in what the kernel wrote into a ``kernel_written`` file: its size, every byte
+        of it (a range a truncate extended is a hole to the daemon, but the kernel may have
+        written there since), and its mtime when a write moved it (a utime set through the
+        daemon holds until then)."""
         st = os.fstat(self.fd)
-        if st.st_size != self.size:
-            self.extents.clip(st.st_size)
-            self.extents.add(0, st.st_size)
+        whole = ((0, st.st_size),) if st.st_size else ()
+        if st.st_size != self.size or self.extents.pairs() != whole:
+            self.extents = Extents(list(whole))
             self.size = st.st_size
             self.generation += 1
         if st.st_mtime_ns > self._file_mtime_seen:

@@ -360,3 +360,33 @@ def test_repair_rebuilds_the_content_to_object_mapping(store_path: Path) -> None
     exported = store_path.parent / "out"
     assert run_hubfs("export", str(store_path), "/", str(exported)).returncode == 0
     assert (exported / "w.bin").read_bytes() == data
+
+
+@pytest.mark.mount
+@kernel
+def test_kernel_written_files_keep_bytes_written_after_a_truncate(mounted: Mounted) -> None:
+    """safetensors' save_file sizes its temp file with ftruncate, then writes: the daemon
+    sees the truncate, never the writes (the kernel writes into staging). Every byte must
+    survive the commit, also with holes, a shrink and a write past the end."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {"w": np.random.default_rng(3).standard_normal(3 << 18, dtype=np.float32)}
+    save_file(tensors, str(mounted.path / "model.safetensors"))
+    path = mounted.path / "sparse.bin"
+    body = os.urandom(3 << 20)
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(body)
+        f.seek(6 << 20)
+        f.write(b"tail")
+        f.truncate(7 << 20)
+        f.seek(9 << 20)
+        f.write(b"end")
+    expected = body + bytes((6 << 20) - len(body)) + b"tail" + bytes((1 << 20) - 4) \
+        + bytes(2 << 20) + b"end"
+    assert path.stat().st_size == len(expected)
+    settled(mounted)
+    assert path.read_bytes() == expected
+    loaded = load_file(str(mounted.path / "model.safetensors"))
+    assert (loaded["w"] == tensors["w"]).all()
