@@ -20,6 +20,7 @@ import blake3
 
 from .errors import IntegrityError
 from .index import ChunkEntry, ContentTable, Txn
+from .objects import worth_an_object
 from .packs import ChunkLocation
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,19 @@ def register(txn: Txn, prepared: PreparedContent) -> bool:
     if not known:
         txn.put_content(prepared.content_id, prepared.table)
     return bool(prepared.object_id)
+
+
+def object_still_worth_it(txn: Txn, prepared: PreparedContent) -> bool:
+    """Whether a content prepared as an object still qualifies now that its transaction is
+    open: files committed meanwhile (near-identical ones written at the same time) may hold
+    most of its chunks already, and then it should be references to them."""
+    known = txn.content(prepared.content_id) is not None
+    new_bytes = 0
+    for chunk_id, length in dict(zip(prepared.table.chunk_ids, prepared.table.lengths)).items():
+        entry = txn.chunk(chunk_id)
+        if entry is None or not entry.refcount:
+            new_bytes += length
+    return worth_an_object(prepared.table.size, new_bytes, known)
 
 
 def register_chunks(txn: Txn, chunks: dict[bytes, ChunkLocation]) -> None:

@@ -23,7 +23,7 @@ from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chun
 from .compression import Codec
 from .contents import EMPTY, PreparedContent, content_id
 from .index import ChunkEntry, ContentTable, Index
-from .objects import OBJECT_MIN_BYTES
+from .objects import OBJECT_MIN_BYTES, worth_an_object
 from .packs import ChunkLocation, PackWriter, block_sums
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Ingestor:
                     elif not entry.refcount:
                         unused[h.chunk_id] = h  # kept only until gc: bytes no file holds
         new_bytes = sum(h.span.length for h in (*missing.values(), *unused.values()))
-        if (total >= OBJECT_MIN_BYTES and not has_object and (known or 2 * new_bytes >= total)
+        if (not has_object and worth_an_object(total, new_bytes, known)
                 and self.kept_raw(read, total, hashed[len(hashed) // 2].span)):
             object_id = new_object()
             located: dict[bytes, ChunkLocation] = {}

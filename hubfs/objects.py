@@ -50,6 +50,12 @@ OBJECT_SUFFIX = ".obj"
 COPY_PREFIX = ".copy-"  # an import's copy of a file, until it is made an object or dropped
 
 
+def worth_an_object(size: int, new_bytes: int, known: bool) -> bool:
+    """The rule for a content the store would keep raw: an object when it is large and at
+    least half new (or stored before without one); a near-identical file stays references."""
+    return size >= OBJECT_MIN_BYTES and (known or 2 * new_bytes >= size)
+
+
 def object_ids(directory: Path) -> list[int]:
     """The ids of the object files in ``directory`` (``OBJECT_BIT`` set)."""
     ids = []

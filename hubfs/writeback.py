@@ -391,6 +391,10 @@ class WriteBack:
             if staging.generation != snap.generation:
                 self.ingestor.committed(prepared)
                 return False
+            if prepared.object_id:
+                with self.store.read() as txn:
+                    if not contents.object_still_worth_it(txn, prepared):
+                        return False  # prepared again: as references to what is stored now
             with self.store.metadata_write() as txn:
                 inode = txn.inode(ino)
                 alive = inode is not None and inode.nlink > 0

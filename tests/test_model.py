@@ -33,13 +33,19 @@ STEP = 1 * MIB
 class Pause:
     """Holds calls of a worker-thread function until ``go`` (a pause point, not a mock)."""
 
-    def __init__(self, obj: Any, name: str) -> None:
+    def __init__(self, obj: Any, name: str, calls: int = 1) -> None:
+        """``reached`` once ``calls`` calls are held."""
         self.reached = threading.Event()
         self.released = threading.Event()
         original = getattr(obj, name)
+        held = [0]
+        lock = threading.Lock()
 
         def paused(*args: Any, **kwargs: Any) -> Any:
-            self.reached.set()
+            with lock:
+                held[0] += 1
+                if held[0] >= calls:
+                    self.reached.set()
             assert self.released.wait(30), "the test never let the paused step go"
             return original(*args, **kwargs)
 
@@ -435,3 +441,24 @@ def test_concurrent_appends_across_pack_boundaries(tmp_path: Path) -> None:
         assert packs.read_stored(chunk_id, loc) == body
     writer.close()
     packs.close()
+
+
+def test_near_identical_files_committed_at_once_make_one_object(store: Store) -> None:
+    """Two commits hash at once, each finding the other's chunks new: the second to register
+    must see that its file is now mostly stored and become references, not a second copy."""
+    base = payload(4 * MIB, 20)
+    tuned = base[:MIB] + payload(4096, 21) + base[MIB + 4096 :]
+
+    async def scenario(fs: FileSystem) -> None:
+        pause = Pause(fs.writeback.ingestor, "prepare_stream", calls=2)
+        await write_file(fs, b"base", base)
+        await write_file(fs, b"tuned", tuned)
+        await pause.wait_reached()  # both commits are about to hash
+        pause.go()
+        await fs.writeback.settle()
+        assert await read_all(fs, b"base") == base
+        assert await read_all(fs, b"tuned") == tuned
+        with store.read() as txn:
+            assert len(list(txn.objects())) == 1
+
+    run(store, scenario)
