@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -280,15 +281,20 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _ask_daemon(mountpoint: Path, command: str, store_kind: str = "a store") -> Any:
+    """A control command's answer from the daemon serving ``mountpoint``."""
     from . import control
     from .mount import find_mount
 
-    info = find_mount(args.mountpoint)
+    info = find_mount(mountpoint)
     if info is None:
-        raise HubfsError(f"{args.mountpoint} is not a hubfs mount (see `mount -t fuse.hubfs`); "
-                         "mount a store there first", 2)
-    report = control.request(Path(info.source), "status", lambda done, total: None)
+        raise HubfsError(f"{mountpoint} is not a hubfs mount (see `mount -t fuse.hubfs`); "
+                         f"mount {store_kind} there first", 2)
+    return control.request(Path(info.source), command, lambda done, total: None)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = _ask_daemon(args.mountpoint, "status")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -312,14 +318,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from . import control
-    from .mount import find_mount
-
-    info = find_mount(args.mountpoint)
-    if info is None:
-        raise HubfsError(f"{args.mountpoint} is not a hubfs mount (see `mount -t fuse.hubfs`); "
-                         "mount a cluster store there first", 2)
-    report = control.request(Path(info.source), "sync", lambda done, total: None)
+    report = _ask_daemon(args.mountpoint, "sync", "a cluster store")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -24,11 +24,13 @@ def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
     # would write the file straight into staging, too fast to catch here)
     mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", "4", "--checked-reads")
     done = threading.Event()
+    answered = threading.Event()  # two reports came while the file is open
 
     def write() -> None:
         block = os.urandom(1 << 20)
         with open(mounted.path / "big.bin", "wb") as f:
             f.writelines(block[i % 7 :] + block[: i % 7] for i in range(300))
+            answered.wait(60)  # a fast disk writes 300 MB before the first status answers
         done.set()
 
     writer = threading.Thread(target=write)
@@ -43,6 +45,8 @@ def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
             assert isinstance(report, dict)
             assert elapsed < STATUS_BUDGET_S + 0.5, f"status took {elapsed:.2f} s"  # + startup
             reports.append(report)
+            if len(reports) >= 2:
+                answered.set()
         writer.join()
         assert any(r["staged_files"] == 1 and r["open_files"] == 1 for r in reports), reports
         assert all(r["pid"] == reports[0]["pid"] and r["free_bytes"] > 0 for r in reports)
