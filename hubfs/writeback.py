@@ -64,7 +64,7 @@ class Pending:
     busy: trio.Lock = field(default_factory=trio.Lock)
     # Kept whole (no front ingest): the file's bytes would be stored raw, so at commit its
     # staging file can become its object (hubfs.objects) instead of being copied into packs.
-    whole: bool = False
+    keep_whole: bool = False
 
 
 class GroupSync:
@@ -168,7 +168,7 @@ class WriteBack:
             raise StoreFullError(f"the disk holding the store {self.store.path} is full: free "
                                  "space there (or run `hubfs gc`) and write again")
         written = staging.write(offset, data, namespace.now_ns())
-        if (staging.front_due(self.step_bytes) and not pending.whole
+        if (staging.front_due(self.step_bytes) and not pending.keep_whole
                 and not pending.busy.locked()):
             if self._nursery is None:
                 await self._ingest_front(ino, pending)
@@ -289,7 +289,7 @@ class WriteBack:
 
             async with self._prepared(prepare) as result:
                 if result == "whole":
-                    pending.whole = True
+                    pending.keep_whole = True
                     return
                 if result is None or not result[1] or not unchanged():
                     return
