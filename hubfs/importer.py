@@ -204,8 +204,6 @@ def _commit(store: Store, batch: _Batch, inos: dict[bytes, int], report: ImportR
                 if _apply(txn, op, inos, report) and op.copy is not None:
                     assert store.objects is not None and op.prepared is not None
                     store.objects.adopt(op.copy, op.prepared.object_id)
-            if store.objects is not None:  # adopted names durable before the index commit
-                store.objects.sync_directory()
     finally:
         for op in batch.ops:  # copies no content took (a twin had an object already)
             if op.copy is not None:

@@ -424,6 +424,7 @@ class Index:
         none) but the disk only at ``sync``: the mount's group commit, which calls it at
         fsync, fsyncdir, unmount and every ``SYNC_INTERVAL_S``."""
         self.path = path
+        self.sync_each_commit = sync_each_commit
         self.unsynced = False  # commits since the last sync (when commits do not sync)
         check_lmdb_file(path)
         try:

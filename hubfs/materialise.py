@@ -79,8 +79,8 @@ class Materialiser:
                 copy.unlink()
                 return self.store.object_of(content_id)
             with self.store.metadata_write() as txn:
+                # its name is made durable before the index is (Store.sync_index)
                 self.store.objects.adopt(copy, object_id)
-                self.store.objects.sync_directory()  # its name durable before the index's
                 txn.put_object(content_id, object_id)
                 txn.put_materialised(object_id, content_id, size)
             self._sizes[object_id] = size

@@ -210,7 +210,7 @@ class Store:
         if self.writer is None:
             raise HubfsError(f"store {self.path} is open read-only", 2)
         self.writer.sync()
-        with self.index.write() as txn:
+        with self._transaction() as txn:
             yield txn
 
     @contextmanager
@@ -219,8 +219,17 @@ class Store:
         attributes, or content whose packs the caller synced): it waits for no fsync."""
         if self.writer is None:
             raise HubfsError(f"store {self.path} is open read-only", 2)
+        with self._transaction() as txn:
+            yield txn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Txn]:
+        """An index write; when its commit is durable at once (an index that syncs each
+        commit), so are the names of objects made for it, first (else ``sync_index`` does)."""
         with self.index.write() as txn:
             yield txn
+            if self.index.sync_each_commit and self.objects is not None:
+                self.objects.sync_directory()
 
     def read(self) -> Any:
         return self.index.read()
