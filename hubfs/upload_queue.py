@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import RemoteConflictError, RemoteError, RemoteIntegrityError
+from .packs import fsync_directory
 from .remote import Remote, content_key
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ class QueueStatus:
     failed: int  # jobs parked in failed/
     last_success: float | None  # time.time() of the last confirmed job
     last_error: str | None  # the current outage's error, None while the remote answers
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class UploadQueue:
@@ -153,7 +146,7 @@ class UploadQueue:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self._jobs_dir)
+        fsync_directory(self._jobs_dir)
 
     def _remove(self, job: Job, *, failed: bool = False) -> None:
         f = self._jobs_dir / f"{job.seq:020d}"
@@ -161,7 +154,7 @@ class UploadQueue:
             os.replace(f, self._failed_dir / f.name)
         else:
             f.unlink()
-        _fsync_dir(self._jobs_dir)
+        fsync_directory(self._jobs_dir)
         with self._cond:
             del self._pending[job.seq]
             if self._by_key.get(job.key) == job.seq:
