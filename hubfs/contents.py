@@ -94,6 +94,12 @@ def register(txn: Txn, prepared: PreparedContent) -> bool:
     return bool(prepared.object_id)
 
 
+def held_by_a_file(entry: ChunkEntry | None) -> bool:
+    """Whether a chunk's bytes are here and some file holds them: what a new content does
+    not add to the store (the rest counts as new when deciding on an object)."""
+    return entry is not None and not entry.location.remote and entry.refcount > 0
+
+
 def object_still_worth_it(txn: Txn, prepared: PreparedContent) -> bool:
     """Whether a content prepared as an object still qualifies now that its transaction is
     open: files committed meanwhile (near-identical ones written at the same time) may hold
@@ -101,8 +107,7 @@ def object_still_worth_it(txn: Txn, prepared: PreparedContent) -> bool:
     known = txn.content(prepared.content_id) is not None
     new_bytes = 0
     for chunk_id, length in dict(zip(prepared.table.chunk_ids, prepared.table.lengths)).items():
-        entry = txn.chunk(chunk_id)
-        if entry is None or not entry.refcount:
+        if not held_by_a_file(txn.chunk(chunk_id)):
             new_bytes += length
     return worth_an_object(prepared.table.size, new_bytes, known)
 

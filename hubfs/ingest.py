@@ -21,7 +21,7 @@ import blake3
 from . import compression
 from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chunk_id
 from .compression import Codec
-from .contents import EMPTY, PreparedContent, content_id
+from .contents import EMPTY, PreparedContent, content_id, held_by_a_file
 from .index import ChunkEntry, ContentTable, Index
 from .objects import OBJECT_MIN_BYTES, worth_an_object
 from .packs import ChunkLocation, PackWriter, block_sums
@@ -225,7 +225,7 @@ class Ingestor:
                     entry = txn.chunk(h.chunk_id)
                     if entry is None or entry.location.remote:  # remote: not held here
                         missing[h.chunk_id] = h
-                    elif not entry.refcount:
+                    elif not held_by_a_file(entry):
                         unused[h.chunk_id] = h  # kept only until gc: bytes no file holds
         new_bytes = sum(h.span.length for h in (*missing.values(), *unused.values()))
         if (not has_object and worth_an_object(total, new_bytes, known)
