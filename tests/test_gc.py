@@ -23,22 +23,28 @@ import pytest
 from hubfs.store import Store
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 
-FILE_BYTES = 40 * 1024 * 1024
+FILE_BYTES = 16 * 1024 * 1024
 FILES = 8
+
+
+def compressible(size: int) -> bytes:
+    """Bytes zstd halves: the store keeps them in packs, which gc rewrites (random bytes of this
+    size would each become an object, which gc only deletes)."""
+    return os.urandom(size // 2).hex().encode()
 
 
 def churn(mnt: Path, seed: int) -> dict[str, str]:
     """Write FILES files, delete half, overwrite a quarter; returns live name -> sha256."""
     live = {}
     for i in range(FILES):
-        data = os.urandom(FILE_BYTES)
+        data = compressible(FILE_BYTES)
         (mnt / f"f{seed}-{i}").write_bytes(data)
         live[f"f{seed}-{i}"] = hashlib.sha256(data).hexdigest()
     for i in range(0, FILES, 2):
         (mnt / f"f{seed}-{i}").unlink()
         del live[f"f{seed}-{i}"]
     for i in range(1, FILES, 4):
-        data = os.urandom(FILE_BYTES // 2)
+        data = compressible(FILE_BYTES // 2)
         (mnt / f"f{seed}-{i}").write_bytes(data)
         live[f"f{seed}-{i}"] = hashlib.sha256(data).hexdigest()
     return live
@@ -120,6 +126,7 @@ def test_kill_9_during_gc_then_rerun(tmp_path: Path, request: pytest.FixtureRequ
     deadline = time.monotonic() + 30
     while set((store / "packs").iterdir()) <= packs_before and time.monotonic() < deadline:
         time.sleep(0.005)  # gc seals the newest pack first: it has begun once a new one exists
+    assert set((store / "packs").iterdir()) > packs_before, "gc never began"
     time.sleep(0.05)  # into the copying of live records
     os.kill(pid, signal.SIGKILL)
     gc.wait(timeout=60)

@@ -46,7 +46,7 @@ from tests.conftest import Mounted, mount_store, unmount_and_check
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
-DURATION_S = 60.0
+DURATION_S = 30.0
 WRITERS = 2
 READERS = 2
 RSS_SAMPLE_S = 0.5
@@ -282,7 +282,7 @@ class LoadResult:
 def load_result(tmp_path_factory: pytest.TempPathFactory,
                 request: pytest.FixtureRequest) -> Iterator[LoadResult]:
     """One ``DURATION_S`` run of the mixed load on a fresh mount, unmounted (log checked,
-    store verified) before the tests look at it; the store (~15 GB) is deleted after."""
+    store verified) before the tests look at it; the store (several GB) is deleted after."""
     root = tmp_path_factory.mktemp("load")
     store = root / "store"
     Store.init(store)

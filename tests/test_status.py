@@ -1,19 +1,20 @@
-"""``hubfs status``: a running mount answers within a second, even while it ingests."""
+"""``hubfs status``: a running mount answers while a file is being written and staged.
+
+No time budget is asserted (timed unit tests are noise on a shared machine): the test shows that
+status answers while the write is in flight, not after it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from hubfs.store import Store
 from tests.conftest import mount_store, run_hubfs, unmount_and_check
-
-STATUS_BUDGET_S = 1.0
 
 
 def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
@@ -38,12 +39,8 @@ def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
     try:
         reports = []
         while not done.is_set():
-            start = time.monotonic()
-            out = run_hubfs("status", str(mounted.path), "--json").stdout
-            elapsed = time.monotonic() - start
-            report = json.loads(out)
+            report = json.loads(run_hubfs("status", str(mounted.path), "--json").stdout)
             assert isinstance(report, dict)
-            assert elapsed < STATUS_BUDGET_S + 0.5, f"status took {elapsed:.2f} s"  # + startup
             reports.append(report)
             if len(reports) >= 2:
                 answered.set()
