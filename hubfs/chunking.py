@@ -194,6 +194,15 @@ def _layout(read: Callable[[int, int], bytes | memoryview], size: int, complete:
     return parse_layout(read(0, min(size, HEADER_PROBE_BYTES)), size, read, complete)
 
 
+def zeros(length: int) -> bytes | memoryview:
+    """``length`` zero bytes without allocating them when they fit ``_ZEROS`` (holes are read
+    as slices of it: a read or a chunking window is at most that long)."""
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
+
+
+_ZEROS = memoryview(bytes(WINDOW_BYTES))  # calloc'd: pages never written cost no memory
+
+
 def zero_chunk_id(length: int) -> bytes:
     """The id of a chunk of ``length`` zeros (holes of sparse files are made of them)."""
     chunk_id = _ZERO_IDS.get(length)
@@ -201,7 +210,7 @@ def zero_chunk_id(length: int) -> bytes:
         if len(_ZERO_IDS) >= ZERO_IDS_KEPT:
             _ZERO_IDS.clear()
             _ZERO_LENGTHS.clear()
-        chunk_id = blake3.blake3(bytes(length)).digest()
+        chunk_id = blake3.blake3(zeros(length)).digest()
         _ZERO_LENGTHS[chunk_id] = length
         _ZERO_IDS[length] = chunk_id
     return chunk_id

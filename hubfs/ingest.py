@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import blake3
 
 from . import compression
-from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chunk_id
+from .chunking import WINDOW_BYTES, Chunker, ChunkerParams, ChunkSpan, zero_chunk_id, zeros
 from .compression import Codec
 from .contents import EMPTY, PreparedContent, content_id, held_by_a_file
 from .index import ChunkEntry, ContentTable, Index
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 LOOKUP_BATCH = 256
 # Read this far past the next offset where re-chunking may meet the old cuts again.
 REALIGN_MARGIN_BYTES = 64 * 1024
-# Zeros of holes, stored when a file's zero chunk is new (a chunk is at most 64 MiB here).
-ZEROS = memoryview(bytes(4 * 1024 * 1024))
 
 
 @dataclass(frozen=True)
@@ -278,9 +276,7 @@ class Ingestor:
             def take(old: bytes | None, span: ChunkSpan) -> None:
                 if old is None:  # zeros of a hole: stored like any chunk, if missing
                     old = self._zero_id(span.length)
-                    zeros = (ZEROS[: span.length] if span.length <= len(ZEROS)
-                             else memoryview(bytes(span.length)))
-                    batch.append((old, span, zeros))
+                    batch.append((old, span, memoryview(zeros(span.length))))
                 ids.append(old)
                 lengths.append(span.length)
 

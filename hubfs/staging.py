@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chunking import known_zero_chunk
+from .chunking import known_zero_chunk, zeros
 from .ingest import Reuse
 from .packs import fsync_directory
 
@@ -66,8 +66,6 @@ RECORD_FRONT = struct.Struct("<c32sI")
 RECORD_WRITE = struct.Struct("<cQQ")
 RECORD_TRUNCATE = struct.Struct("<cQ")
 RECORDS = {b"B": RECORD_BASE, b"F": RECORD_FRONT, b"W": RECORD_WRITE, b"T": RECORD_TRUNCATE}
-# Holes are read as slices of this (a read or a chunking window is at most this long).
-ZEROS = memoryview(bytes(64 * 1024 * 1024))
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -219,17 +217,13 @@ def read_layout(fd: int, lay: Layout, offset: int, size: int, chunk_bytes: Chunk
             chunk_start = lay.base_starts[j]
             stop = min(stop, chunk_start + lay.base_lengths[j])
             if known_zero_chunk(lay.base_ids[j]):  # a stored hole
-                pieces.append(_zeros(stop - pos))
+                pieces.append(zeros(stop - pos))
             else:
                 pieces.append(chunk_bytes(lay.base_ids[j], pos - chunk_start, stop - chunk_start))
         else:  # a hole: zeros without allocating them
-            pieces.append(_zeros(stop - pos))
+            pieces.append(zeros(stop - pos))
         pos = stop
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
-def _zeros(length: int) -> bytes | memoryview:
-    return ZEROS[:length] if length <= len(ZEROS) else bytes(length)
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
