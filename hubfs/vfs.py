@@ -290,8 +290,11 @@ class FileSystem:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._check_writable(ino)
-            await self.writeback.idle(ino)  # a commit of kernel-written bytes sees no writes
-            self._check_writable(ino)
+            if self.backing.source(ino) is not None:
+                # beside kernel-served opens a writer is kernel-served too, and the kernel's
+                # writes bump no generation: it waits for a commit of kernel-written bytes
+                await self.writeback.idle(ino)
+                self._check_writable(ino)
             inode = self.names.inode(ino)
         else:
             inode = self.names.accessed(ino, inode)
@@ -325,6 +328,8 @@ class FileSystem:
         if staging is not None:
             if not (writable and staging.whole and staging.size == 0):
                 return None  # the daemon has bytes of it: it goes on serving them
+            if self.writeback.busy(ino):
+                return None  # a commit reads it: the daemon's writes bump its generation
             path = staging.path
             backing_id = self._acquire(ino, path, path, os.O_RDWR)
             staging.kernel_written = backing_id is not None

@@ -138,7 +138,8 @@ class WriteBack:
 
     async def idle(self, ino: int) -> None:
         """Wait for a running commit of a file the kernel writes: its writes bump no
-        generation, so the commit must not race one (a writable open waits here)."""
+        generation, so the commit must not race one (a writable open that must be
+        kernel-served, beside kernel-served opens, waits here)."""
         pending = self._files.get(ino)
         if pending is not None and pending.staging.kernel_written and pending.busy.locked():
             async with pending.busy:

@@ -126,6 +126,30 @@ def test_rewriting_a_kernel_served_file(mounted: Mounted) -> None:
 
 @pytest.mark.mount
 @kernel
+def test_writer_opening_while_a_download_commits_keeps_every_byte(mounted: Mounted) -> None:
+    """A file the kernel wrote is committed after its close; a writer that opens it at once
+    (while the commit hashes it) is served by the daemon, whose writes the commit sees: the
+    file ends with every byte of both (the fixture verifies the store after)."""
+    expected = {}
+    size = 4 * FILE_BYTES  # its commit (hash, fsync) takes a good part of a second
+    for i in range(3):
+        path = mounted.path / f"download{i}.bin"
+        data = bytearray(os.urandom(size))
+        write(path, data)
+        time.sleep(0.05)  # the kernel sends the release after close returns: let it land
+        with open(path, "r+b") as writer:  # the commit of the download is running now
+            writer.write(b"head")
+            writer.seek(size)
+            writer.write(b"tail")
+        data[:4] = b"head"
+        expected[path] = bytes(data) + b"tail"
+    settled(mounted)
+    for path, data in expected.items():
+        assert path.read_bytes() == data, path
+
+
+@pytest.mark.mount
+@kernel
 def test_near_identical_file_shares_chunks_not_an_object(mounted: Mounted) -> None:
     """A fine-tune that changed one tensor: chunk references into the first object."""
     data = bytearray(os.urandom(FILE_BYTES))
