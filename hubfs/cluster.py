@@ -89,6 +89,7 @@ from typing import Any
 import trio
 
 from . import namespace
+from .cache import Cache
 from .cluster_sync import (
     COMPACT_AFTER_SEGMENTS,
     SYNC_INTERVAL_S,
@@ -142,11 +143,26 @@ SYNC_UPLOAD_WAIT_S = 300.0  # `hubfs sync` waits this long for the queue to drai
 class ClusterConfig:
     remote: str
     node: str
+    cache_bytes: int | None = None  # --cache-size (hubfs.cache); None: unbounded
 
 
 def config_of(store: Store) -> ClusterConfig | None:
     doc = store.cluster_config()
-    return ClusterConfig(str(doc["remote"]), str(doc["node"])) if doc else None
+    if not doc:
+        return None
+    limit = doc.get("cache_bytes")
+    return ClusterConfig(str(doc["remote"]), str(doc["node"]),
+                         int(limit) if isinstance(limit, int) else None)
+
+
+def set_cache_size(store: Store, cache_bytes: int | None) -> ClusterConfig:
+    """Record a cluster store's ``--cache-size`` (None: unbounded) for this and later mounts."""
+    config = config_of(store)
+    assert config is not None
+    config = ClusterConfig(config.remote, config.node, cache_bytes)
+    with store.metadata_write() as txn:
+        txn.meta_put(CLUSTER_META, json.dumps(config.__dict__).encode())
+    return config
 
 
 def default_node_name() -> str:
@@ -154,7 +170,8 @@ def default_node_name() -> str:
     return name[:64] or "node"
 
 
-def init_remote(store_path: Path, url: str, node: str | None) -> ClusterConfig:
+def init_remote(store_path: Path, url: str, node: str | None,
+                cache_bytes: int | None = None) -> ClusterConfig:
     """Make a new store one node of the cluster store at ``url`` (``hubfs init --remote``)."""
     node = node or default_node_name()
     try:
@@ -168,7 +185,7 @@ def init_remote(store_path: Path, url: str, node: str | None) -> ClusterConfig:
         if seq > 1:
             raise HubfsError(f"{remote.url} already has a node named {node!r}: give this one "
                              "another name with --node", 2)
-        config = ClusterConfig(str(remote.url), node)
+        config = ClusterConfig(str(remote.url), node, cache_bytes)
         with store.metadata_write() as txn:
             txn.meta_put(CLUSTER_META, json.dumps(config.__dict__).encode())
             txn.meta_put(SEQ_META, b"1")
@@ -436,6 +453,8 @@ class ClusterNode:
         self.last_sync: float | None = None
         self.last_error: str | None = None
         self.fetched_bytes = 0
+        self._in_remote: set[bytes] = set()  # contents the bucket is known to hold
+        self.cache = Cache(store, config.cache_bytes, self.in_remote)
         self._lock = trio.Lock()  # one sync at a time
         self._seen_txn = -1  # the index's last transaction when the node last looked
         # fetches of one content wait for each other (a lock per content id's hash)
@@ -485,6 +504,7 @@ class ClusterNode:
             thread.join()
         self._pool.shutdown()
         self.queue.close()
+        self.cache.save()
 
     # ---- sync ---------------------------------------------------------------------------
 
@@ -633,6 +653,7 @@ class ClusterNode:
             log.info("cluster: content %s went away during the pull; applied at the next "
                      "sync", exc)
             return segments, 0, 0
+        self._in_remote.update(tables)  # their tables came from the bucket: it holds them
         for ino in done.unlinked:
             self.unlinked(ino)
         if done.removed:
@@ -748,6 +769,19 @@ class ClusterNode:
         self.fetched_bytes += sum(n for n, _ in placed.values())
         return True
 
+    def in_remote(self, cid: bytes) -> bool:
+        """Whether the bucket holds a content and the node may drop its own copy (hubfs.cache):
+        not while its upload is queued; asked with a HEAD once (contents are immutable and
+        nothing deletes them from the bucket). A worker thread; raises ``RemoteError``."""
+        if self.queue.is_queued(cid):
+            return False
+        if cid in self._in_remote:
+            return True
+        if not self.remote.has_content(cid):
+            return False
+        self._in_remote.add(cid)
+        return True
+
     # ---- reports --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -768,6 +802,7 @@ class ClusterNode:
             "remote_bytes_down": st.bytes_down,
             "remote_bytes_up": st.bytes_up,
             "remote_requests": st.requests,
+            **self.cache.status(),
         }
 
 

@@ -53,6 +53,11 @@ class Materialiser:
     def used_bytes(self) -> int:
         return sum(self._sizes.values())
 
+    def dropped(self, object_id: int) -> None:
+        """A copy the index no longer names (a cluster node's cache evicted its content)."""
+        self._sizes.pop(object_id, None)
+        self._last_open.pop(object_id, None)
+
     def opened(self, object_id: int) -> None:
         if object_id in self._last_open:
             self._last_open[object_id] = time.monotonic()

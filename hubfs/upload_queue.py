@@ -191,6 +191,11 @@ class UploadQueue:
                 self._cond.notify_all()
         return True
 
+    def is_queued(self, cid: bytes) -> bool:
+        """Whether a content waits to be sent (its upload is not confirmed)."""
+        with self._cond:
+            return content_key(cid) in self._by_key
+
     # ---- draining ---------------------------------------------------------------------------
 
     def _send(self, job: Job) -> None:
