@@ -6,15 +6,18 @@ node's own files, copies on demand (hubfs.materialise: counted here, and evicted
 content), and dead records gc has not reclaimed yet. The index, staging files and the upload
 queue are not counted. Above the limit, contents are evicted until use is at ``LOW_WATER`` of it.
 
-*What may go*: a content the bucket holds (the pull that brought it said so, or a HEAD; contents
-are immutable and nothing deletes them from the bucket) that is not queued for upload, not open,
+*What may go*: a content the bucket holds (the pull that brought it or the upload that sent it
+said so, or a HEAD; contents are immutable and nothing deletes them from the bucket) that is
+not queued for upload, not open,
 and not what a staged write is laid over. A chunk goes only when every content that holds it
 goes (its reference count equals its occurrences in the evicted contents): so a chunk only this
 node holds never goes, and an evicted chunk can be fetched again through any content that holds
 it, by the ordinary lazy fetch (hubfs.cluster). Chunks pinned for staged writes and objects the
 kernel serves opens from stay too.
 
-*Order*: least recently used first. A content's last use is the newest of this mount's opens
+*Order*: least recently used first, among the contents known to be in the bucket; the bucket is
+asked (HEAD, once per content and mount) about the others, again least recently used first,
+only when those free too little. A content's last use is the newest of this mount's opens
 and closes of it (in memory) and the access times its inodes record (relatime-style, at opens:
 ``Names.accessed``), so there is no index write per read and the order survives a restart at the
 granularity relatime keeps (a day, or the first open after a change).
@@ -111,10 +114,12 @@ class Cache:
     unless they say otherwise. ``limit_bytes`` None: nothing is evicted, reads are counted."""
 
     def __init__(self, store: Store, limit_bytes: int | None,
-                 in_remote: Callable[[bytes], bool]) -> None:
+                 in_remote: Callable[[bytes, bool], bool | None]) -> None:
         self.store = store
         self.limit_bytes = limit_bytes
-        self._in_remote = in_remote  # (worker thread) may raise RemoteError
+        # (worker thread) whether the bucket holds a content; None: not known without asking
+        # it (the second argument: ask); may raise RemoteError
+        self._in_remote = in_remote
         self._last_use: dict[bytes, int] = {}  # content id -> time.time_ns() of last open/close
         # set by the mount: what must stay, a dropped copy on demand, the read counters
         self.held: Callable[[], Held] = lambda: (set(), set(), set())
@@ -167,7 +172,7 @@ class Cache:
         plan = await trio.to_thread.run_sync(self.plan, held, uses, goal)
         if not plan.chunks and not plan.contents:
             if not self._stuck:
-                log.warning("cache: %d bytes in use, above the limit of %d, and nothing more "
+                log.info("cache: %d bytes in use, above the limit of %d, and nothing more "
                             "may go (data the bucket does not hold yet, or open files)",
                             self.used_bytes, self.limit_bytes)
             self._stuck = True
@@ -234,27 +239,32 @@ class Cache:
         taken: dict[bytes, ChunkLocation] = {}
         occurrences: Counter[bytes] = Counter()
         freed = 0
-        for cid, chunk_ids in tables.items():  # least recently used first
-            if freed >= goal_bytes:
-                break
-            try:
-                if not self._in_remote(cid):
+        unknown: list[bytes] = []
+        for ask, order in ((False, list(tables)), (True, unknown)):  # least recently used first
+            for cid in order:
+                if freed >= goal_bytes:
+                    break
+                try:
+                    there = self._in_remote(cid, ask)
+                except RemoteError as exc:
+                    log.info("cache: the bucket does not answer (%s); only contents known to "
+                             "be there are evicted until it does", exc.message)
+                    break
+                if there is None:
+                    unknown.append(cid)  # asked about only if the known ones free too little
+                if not there:
                     continue
-            except RemoteError as exc:
-                log.info("cache: the bucket does not answer (%s); only contents known to be "
-                         "there are evicted until it does", exc.message)
-                break
-            chosen.append(cid)
-            occurrences.update(chunk_ids)
-            freed += copies.get(cid, 0)
-            for chunk_id in chunk_ids:
-                entry = entries.get(chunk_id)
-                if (entry is None or chunk_id in taken or entry.location.remote
-                        or occurrences[chunk_id] != entry.refcount or chunk_id in protected
-                        or entry.location.pack_id in serving):
-                    continue
-                taken[chunk_id] = entry.location
-                freed += footprint(entry.location)
+                chosen.append(cid)
+                occurrences.update(tables[cid])
+                freed += copies.get(cid, 0)
+                for chunk_id in tables[cid]:
+                    entry = entries.get(chunk_id)
+                    if (entry is None or chunk_id in taken or entry.location.remote
+                            or occurrences[chunk_id] != entry.refcount or chunk_id in protected
+                            or entry.location.pack_id in serving):
+                        continue
+                    taken[chunk_id] = entry.location
+                    freed += footprint(entry.location)
         return Plan(chosen, {cid: tables[cid] for cid in chosen}, taken, freed)
 
     # ---- the index change (trio thread, ingests held off) ----------------------------------

@@ -455,6 +455,7 @@ class ClusterNode:
         self.fetched_bytes = 0
         self._in_remote: set[bytes] = set()  # contents the bucket is known to hold
         self.cache = Cache(store, config.cache_bytes, self.in_remote)
+        self.queue.confirmed = self._in_remote.add
         self._lock = trio.Lock()  # one sync at a time
         self._seen_txn = -1  # the index's last transaction when the node last looked
         # fetches of one content wait for each other (a lock per content id's hash)
@@ -769,14 +770,17 @@ class ClusterNode:
         self.fetched_bytes += sum(n for n, _ in placed.values())
         return True
 
-    def in_remote(self, cid: bytes) -> bool:
+    def in_remote(self, cid: bytes, ask: bool) -> bool | None:
         """Whether the bucket holds a content and the node may drop its own copy (hubfs.cache):
-        not while its upload is queued; asked with a HEAD once (contents are immutable and
-        nothing deletes them from the bucket). A worker thread; raises ``RemoteError``."""
+        not while its upload is queued. Known from the pulls and uploads of this mount, else
+        (with ``ask``) from a HEAD, once: contents are immutable and nothing deletes them from
+        the bucket. None: not known, not asked. A worker thread; raises ``RemoteError``."""
         if self.queue.is_queued(cid):
             return False
         if cid in self._in_remote:
             return True
+        if not ask:
+            return None
         if not self.remote.has_content(cid):
             return False
         self._in_remote.add(cid)

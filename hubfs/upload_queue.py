@@ -96,6 +96,8 @@ class UploadQueue:
         self._kicked = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # told (on the drain thread) of each content the bucket is now known to hold
+        self.confirmed: Callable[[bytes], None] = lambda cid: None
         self._load()
 
     # ---- disk ---------------------------------------------------------------------------------
@@ -210,6 +212,7 @@ class UploadQueue:
                      job.content.hex())
             return
         self.remote.put_content(job.content, src.chunk_lengths, src.chunk_ids, src.open)
+        self.confirmed(job.content)  # uploaded now, or found there
 
     def drain_once(self) -> bool:
         """Send the oldest job. True if the queue made progress (sent or parked a job); a
