@@ -45,10 +45,23 @@ grows by what it read, plus at most those windows per content. That commit waits
 the mount's index is durable only at ``Store.sync_index``, which syncs the packs first. A file
 replaced by another node is a new inode here, so no page cache holds its old bytes (processes
 that hold the old one open keep reading it, as after a local rename over it). Such files are
-served by the daemon, not by the kernel from objects. A remote that does not answer fails the
+served by the daemon, not by the kernel from objects, until wholly fetched: then an open may
+copy one into an object of its own (a copy on demand, hubfs.materialise), which the kernel
+serves. A remote that does not answer fails the
 read with EIO within ``MOUNT_DEADLINE_S`` plus the connect and read timeouts (about 13 s), with
 one log line per outage; a damaged object fails it with EIO and an error naming the object.
 ``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
+
+*The cache* (``--cache-size``, hubfs.cache): with a limit, the store's packs and objects are
+kept under it by evicting the least recently used contents the bucket holds (known from the
+pull that brought them, the upload that sent them, or a HEAD; never one queued for upload, open,
+or under a staged write): their chunks are re-pointed to ``REMOTE_PACK_ID``, so the next read
+fetches them again as above, and gc gives their space back. Copies on demand count against the
+limit and go with their content; they are not exempt from it, nor fetched contents from them:
+one rule for every object file, and a model a node loads again is kernel-served. The price: a
+fetched file opened twice takes twice its size until evicted (within
+``--materialise-budget-gib``), and the disk grows by what is read and copied, not only read.
+``hubfs status`` shows the limit, the use, what was evicted and the hit rate of daemon reads.
 
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
 while the remote is down; a content another node uploaded is found by a HEAD and not sent.
@@ -61,7 +74,7 @@ at the next pull) and prunes (``ClusterLog.prune``).
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
 thousands of files; a tree of millions wants per-operation entries and an incremental view.
 
-Missing (said here so that nobody assumes it): ``--cache-size`` eviction; a test of compaction
+Missing (said here so that nobody assumes it): a test of compaction
 through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
 reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
 before reading it fails with EIO; a new file or a rename is fine); an index snapshot taken

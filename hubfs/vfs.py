@@ -42,7 +42,9 @@ the writer's close). Nothing sleeps and polls.
 named: ``PackWriter._sync_lock`` then ``PackWriter._lock`` (appends vs. fsync);
 ``Ingestor._pending_lock``; ``Store.pinned_lock`` (pins vs. gc); ``IngestGate`` (ingests vs. a
 gc step: an ingest holds it shared from its first index lookup to its registration, entering
-in a worker if gc runs and leaving on the trio thread); ``Staging._guard`` (a staging file's
+in a worker if gc runs and leaving on the trio thread; a cluster node's cache eviction,
+hubfs.cache, takes it alone in a worker and leaves it on the trio thread after one index
+transaction); ``Staging._guard`` (a staging file's
 descriptor vs. its readers); the reader's LRU locks. LMDB allows one write transaction at a
 time: the trio thread writes names, attributes and commits; gc (a worker, under the gate) moves
 chunks. No write transaction spans an ``await``.
