@@ -140,18 +140,19 @@ class Cache:
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Check the use whenever the index changed (at most every ``CHECK_INTERVAL_S``) and
+        """Measure the use whenever the index changed (at most every ``CHECK_INTERVAL_S``) and
         evict above the limit, until cancelled."""
         seen = -1
         while True:
             await trio.sleep(CHECK_INTERVAL_S)
-            if self.limit_bytes is None:
-                continue
             txn_id = int(self.store.index.env.info()["last_txnid"])
             if txn_id == seen:
                 continue
             seen = txn_id
             try:
+                if self.limit_bytes is None:  # measured for `hubfs status` only
+                    self.used_bytes = await trio.to_thread.run_sync(disk_use, self.store)
+                    continue
                 await self.check()
             except HubfsError as exc:
                 log.error("cache eviction failed: %s; retried at the next check", exc.message)
