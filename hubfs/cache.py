@@ -33,6 +33,11 @@ the bytes are garbage that gc drops. While a pack is rewritten its live records 
 use can briefly exceed the limit by one pack's live bytes; it can also exceed it by what is
 fetched in the ``CHECK_INTERVAL_S`` before a check, and by what may not go.
 
+*Costs*: a check stats the pack and object files when the index changed since the last one
+(at most every ``CHECK_INTERVAL_S``); an eviction reads every inode and the chunk entries of
+every content (O(chunks), in a worker), and with the ``LOW_WATER`` hysteresis runs about once
+per tenth of the limit fetched.
+
 *Counters*: this mount's reads (content bytes the daemon served; reads the kernel serves from
 objects are not seen, and are all local), bytes fetched from the bucket, and evictions, for ``hubfs status``; lifetime totals in the index (``CACHE_META``,
 written at each eviction and at unmount) for ``hubfs stats``.
