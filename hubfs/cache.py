@@ -8,8 +8,7 @@ queue are not counted. Above the limit, contents are evicted until use is at ``L
 
 *What may go*: a content the bucket holds (the pull that brought it or the upload that sent it
 said so, or a HEAD; contents are immutable and nothing deletes them from the bucket) that is
-not queued for upload, not open,
-and not what a staged write is laid over. A chunk goes only when every content that holds it
+not queued for upload, not open, and not what a staged write is laid over. A chunk goes only when every content that holds it
 goes (its reference count equals its occurrences in the evicted contents): so a chunk only this
 node holds never goes, and an evicted chunk can be fetched again through any content that holds
 it, by the ordinary lazy fetch (hubfs.cluster). Chunks pinned for staged writes and objects the
@@ -39,8 +38,9 @@ every content (O(chunks), in a worker), and with the ``LOW_WATER`` hysteresis ru
 per tenth of the limit fetched.
 
 *Counters*: this mount's reads (content bytes the daemon served; reads the kernel serves from
-objects are not seen, and are all local), bytes fetched from the bucket, and evictions, for ``hubfs status``; lifetime totals in the index (``CACHE_META``,
-written at each eviction and at unmount) for ``hubfs stats``.
+objects are not seen, and are all local), bytes fetched from the bucket, and evictions, for
+``hubfs status``; lifetime totals in the index (``CACHE_META``, written at each eviction and at
+unmount) for ``hubfs stats``.
 """
 
 from __future__ import annotations
