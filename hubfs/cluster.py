@@ -57,10 +57,10 @@ kept under it by evicting the least recently used contents the bucket holds (kno
 pull that brought them, the upload that sent them, or a HEAD; never one queued for upload, open,
 or under a staged write): their chunks are re-pointed to ``REMOTE_PACK_ID``, so the next read
 fetches them again as above, and gc gives their space back. Copies on demand count against the
-limit and go with their content; they are not exempt from it, nor fetched contents from them:
-one rule for every object file, and a model a node loads again is kernel-served. The price: a
-fetched file opened twice takes twice its size until evicted (within
-``--materialise-budget-gib``), and the disk grows by what is read and copied, not only read.
+limit and go with their content (rather than fetched contents being exempt from copies): a
+model a node loads again is then served by the kernel, at disk speed. The price: a fetched
+file opened twice takes twice its size until evicted (copies stay within
+``--materialise-budget-gib`` too), so the disk grows by what is read and copied, not only read.
 ``hubfs status`` shows the limit, the use, what was evicted and the hit rate of daemon reads.
 
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
