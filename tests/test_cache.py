@@ -81,3 +81,41 @@ def test_eviction_takes_what_only_evicted_contents_hold(tmp_path: Path) -> None:
         assert disk_use(store) <= 8 * MIB + 64 * 1024
         report = verify(store, progress=False)
     assert report.ok, report.problems
+
+
+def test_a_node_knows_what_the_bucket_holds(remote_url: str, tmp_path: Path) -> None:
+    """What eviction asks a node (``ClusterNode.in_remote``): a content the bucket holds is
+    known after one HEAD, or at once when the node's own upload confirmed it; one queued for
+    upload is not, whatever the bucket says; without asking, an unknown content is None."""
+    from hubfs.cluster import ClusterNode, config_of, init_remote
+    from hubfs.remote import Remote
+    from tests.cluster_helpers import FileContents
+
+    files = FileContents(tmp_path / "files")
+    theirs, ours, absent = (files.add_random(3 * MIB) for _ in range(3))
+    bucket = Remote(remote_url)
+    src = files.source(theirs)
+    assert src is not None
+    bucket.put_content(theirs, src.chunk_lengths, src.chunk_ids, src.open)
+    Store.init(tmp_path / "store")
+    init_remote(tmp_path / "store", remote_url, "n")
+    with Store(tmp_path / "store") as store:
+        config = config_of(store)
+        assert config is not None
+        node = ClusterNode(store, config)
+        node.queue.source = files.source
+        try:
+            assert node.in_remote(theirs, ask=False) is None
+            requests = node.remote.stats.requests
+            assert node.in_remote(theirs, ask=True) is True
+            assert node.in_remote(theirs, ask=True) is True  # remembered: one HEAD only
+            assert node.remote.stats.requests == requests + 1
+            assert node.in_remote(absent, ask=True) is False
+            node.queue.put_content(theirs)  # queued: not evicted, though the bucket holds it
+            node.queue.put_content(ours)
+            assert node.in_remote(theirs, ask=True) is False
+            assert node.in_remote(ours, ask=True) is False
+            assert node.queue.drain_once() and node.queue.drain_once()
+            assert node.in_remote(ours, ask=False) is True  # its upload confirmed it
+        finally:
+            node.close()
