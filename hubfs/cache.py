@@ -66,6 +66,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 0.5
+UNBOUNDED_CHECK_S = 10.0  # without a limit, use is measured for `hubfs status` only
 LOW_WATER = 0.9  # an eviction brings use down to this fraction of the limit
 CACHE_META = "cache_counters"  # JSON: lifetime totals of the counters below
 COUNTERS = ("evicted_bytes", "evicted_contents", "read_bytes", "fetched_bytes")
@@ -149,7 +150,7 @@ class Cache:
         evict above the limit, until cancelled."""
         seen = -1
         while True:
-            await trio.sleep(CHECK_INTERVAL_S)
+            await trio.sleep(CHECK_INTERVAL_S if self.limit_bytes else UNBOUNDED_CHECK_S)
             txn_id = int(self.store.index.env.info()["last_txnid"])
             if txn_id == seen:
                 continue
