@@ -201,8 +201,8 @@ class Cache:
         await trio.to_thread.run_sync(reclaim)
         self.used_bytes = await trio.to_thread.run_sync(disk_use, self.store)
         evicted = sum(loc.raw_len for loc in flipped.values())
-        log.info("cache: evicted %d contents (%d bytes of chunks, %d copies on demand); %d of "
-                 "%d bytes in use", len(plan.contents), evicted, len(dropped), self.used_bytes,
+        log.info("cache: evicted %d bytes of chunks and %d objects (copies on demand among "
+                 "them); %d of %d bytes in use", evicted, len(dropped), self.used_bytes,
                  self.limit_bytes)
         return evicted
 
@@ -301,17 +301,19 @@ class Cache:
                     continue
                 txn.put_chunk(chunk_id, ChunkEntry(remote_location(loc.raw_len), entry.refcount))
                 flipped[chunk_id] = loc
+            gone = {cid for cid in alive if any(c in flipped for c in plan.tables[cid])}
             materialised = {object_id for object_id, _cid, _size in txn.materialised()}
             for cid in alive:
                 object_id = txn.object_of(cid)
                 if object_id is None or object_id in serving:
                     continue
-                if object_id in materialised or any(c in flipped for c in plan.tables[cid]):
+                if object_id in materialised or cid in gone:
                     txn.delete_object(cid)  # gc deletes the file (moving chunks still used)
                     txn.delete_materialised(object_id)
                     dropped.append(object_id)
+                    gone.add(cid)
             self.evicted_bytes += sum(loc.raw_len for loc in flipped.values())
-            self.evicted_contents += len(alive)
+            self.evicted_contents += len(gone)
             txn.meta_put(CACHE_META, json.dumps(self.totals()).encode())
         for object_id in dropped:
             self.dropped_object(object_id)
