@@ -37,15 +37,31 @@ from .verify import FILE_TYPES, VerifyReport, verify
 log = logging.getLogger(__name__)
 
 
+def parse_cache_size(text: str) -> int:
+    """``--cache-size``: a size as ``hubfs prune --keep-size`` takes it, or ``unlimited`` (0)."""
+    from .prune import parse_size_bytes
+
+    if text.strip().lower() == "unlimited":
+        return 0
+    size = parse_size_bytes(text)
+    if size <= 0:
+        raise HubfsError("--cache-size must be above 0 (or `unlimited`)", 2)
+    return size
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     if args.node and not args.remote:
         raise HubfsError("--node names a node of a cluster store: give --remote too", 2)
+    if args.cache_size and not args.remote:
+        raise HubfsError("--cache-size bounds what a node of a cluster store keeps: give "
+                         "--remote too", 2)
+    cache_bytes = parse_cache_size(args.cache_size) if args.cache_size else 0
     Store.init(args.store, compression_policy=args.compression)
     if args.remote:
         from .cluster import init_remote
 
         try:
-            config = init_remote(args.store, args.remote, args.node)
+            config = init_remote(args.store, args.remote, args.node, cache_bytes or None)
         except BaseException:
             shutil.rmtree(args.store, ignore_errors=True)  # made just now, empty
             raise
@@ -139,6 +155,13 @@ def cmd_cat(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     with Store(args.store, readonly=True) as store:
         stats = store.stats()
+        config = store.cluster_config()
+        if config is not None:
+            from .cache import report
+
+            limit = config.get("cache_bytes")
+            stats["cache"] = report(store, limit if isinstance(limit, int) else None,
+                                    stats["pack_bytes"] + stats["object_bytes"])
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -156,6 +179,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ]
     if stats["remote_only_bytes"]:
         rows.append(("only in the cluster bucket", human_bytes(stats["remote_only_bytes"])))
+    if "cache" in stats:
+        cache = stats["cache"]
+        limit = cache["limit_bytes"]
+        rows += [("cluster cache use / limit", (f"{human_bytes(cache['used_bytes'])} / "
+                  f"{human_bytes(limit) if limit else 'unlimited'}")),
+                 ("cluster cache evicted", (f"{human_bytes(cache['evicted_bytes'])} "
+                  f"({cache['evicted_contents']} contents)")),
+                 ("cluster cache hit rate", "-" if cache["hit_rate"] is None else
+                  f"{cache['hit_rate']:.1%} ({human_bytes(cache['read_bytes'])} read, "
+                  f"{human_bytes(cache['fetched_bytes'])} fetched)")]
     for key, value in rows:
         print(f"{key:26s} {value}")
     if len(stats["trees"]) > 1:
@@ -236,7 +269,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mount(args.store, args.mountpoint, foreground=args.foreground,
           allow_other=args.allow_other, options=args.o, policy=policy,
           ingest_step_bytes=args.ingest_step_mib << 20, checked_reads=args.checked_reads,
-          materialise_budget_bytes=int(args.materialise_budget_gib * (1 << 30)))
+          materialise_budget_bytes=int(args.materialise_budget_gib * (1 << 30)),
+          cache_bytes=parse_cache_size(args.cache_size) if args.cache_size else None)
     return 0
 
 
@@ -307,6 +341,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             for sub_key, sub_value in value.items():
                 if sub_key.endswith(("last_sync", "last_upload")) and sub_value:
                     sub_value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sub_value))
+                elif sub_key.endswith("_bytes") and isinstance(sub_value, int):
+                    sub_value = human_bytes(sub_value)
+                elif sub_key == "cache_limit_bytes" and sub_value is None:
+                    sub_value = "unlimited"
+                elif sub_key == "cache_hit_rate" and sub_value is not None:
+                    sub_value = f"{sub_value:.1%}"
                 print(f"{(key + ' ' + sub_key).replace('_', ' '):22} {sub_value}")
             continue
         shown = human_bytes(value) if key in sizes else value
@@ -467,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "AWS_SECRET_ACCESS_KEY, AWS_REGION or the AWS config files)")
     p.add_argument("--node", help="this node's name in the cluster (default: the host name; "
                    "unique per node)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="with --remote: keep at most this much in the store's packs and objects "
+                   "(e.g. 500G, 200GiB), evicting the least recently used data the bucket holds "
+                   "(default: unlimited)")
     p.set_defaults(func=cmd_init)
 
     p = _command(sub, "import", "copy a directory tree into the store",
@@ -554,6 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disk room for copies of large files stored as references to other "
                    "files' chunks, made when one is opened so the kernel can serve it "
                    "(default 8; 0 turns them off)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="a cluster store: keep at most this much in the store's packs and "
+                   "objects (e.g. 500G, 200GiB, or unlimited), evicting the least recently used "
+                   "data the bucket holds; recorded in the store for later mounts (default: as "
+                   "recorded; unlimited)")
     p.add_argument("--ingest-step-mib", type=int, default=64,
                    help="store a file being written every this many MiB, so a download never "
                    "needs two full copies on disk (default 64)")

@@ -45,10 +45,23 @@ grows by what it read, plus at most those windows per content. That commit waits
 the mount's index is durable only at ``Store.sync_index``, which syncs the packs first. A file
 replaced by another node is a new inode here, so no page cache holds its old bytes (processes
 that hold the old one open keep reading it, as after a local rename over it). Such files are
-served by the daemon, not by the kernel from objects. A remote that does not answer fails the
+served by the daemon, not by the kernel from objects, until wholly fetched: then an open may
+copy one into an object of its own (a copy on demand, hubfs.materialise), which the kernel
+serves. A remote that does not answer fails the
 read with EIO within ``MOUNT_DEADLINE_S`` plus the connect and read timeouts (about 13 s), with
 one log line per outage; a damaged object fails it with EIO and an error naming the object.
 ``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
+
+*The cache* (``--cache-size``, hubfs.cache): with a limit, the store's packs and objects are
+kept under it by evicting the least recently used contents the bucket holds (known from the
+pull that brought them, the upload that sent them, or a HEAD; never one queued for upload, open,
+or under a staged write): their chunks are re-pointed to ``REMOTE_PACK_ID``, so the next read
+fetches them again as above, and gc gives their space back. Copies on demand count against the
+limit and go with their content (rather than fetched contents being exempt from copies): a
+model a node loads again is then served by the kernel, at disk speed. The price: a fetched
+file opened twice takes twice its size until evicted (copies stay within
+``--materialise-budget-gib`` too), so the disk grows by what is read and copied, not only read.
+``hubfs status`` shows the limit, the use, what was evicted and the hit rate of daemon reads.
 
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
 while the remote is down; a content another node uploaded is found by a HEAD and not sent.
@@ -61,7 +74,7 @@ at the next pull) and prunes (``ClusterLog.prune``).
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
 thousands of files; a tree of millions wants per-operation entries and an incremental view.
 
-Missing (said here so that nobody assumes it): ``--cache-size`` eviction; a test of compaction
+Missing (said here so that nobody assumes it): a test of compaction
 through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
 reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
 before reading it fails with EIO; a new file or a rename is fine); an index snapshot taken
@@ -89,6 +102,7 @@ from typing import Any
 import trio
 
 from . import namespace
+from .cache import Cache
 from .cluster_sync import (
     COMPACT_AFTER_SEGMENTS,
     SYNC_INTERVAL_S,
@@ -142,11 +156,26 @@ SYNC_UPLOAD_WAIT_S = 300.0  # `hubfs sync` waits this long for the queue to drai
 class ClusterConfig:
     remote: str
     node: str
+    cache_bytes: int | None = None  # --cache-size (hubfs.cache); None: unbounded
 
 
 def config_of(store: Store) -> ClusterConfig | None:
     doc = store.cluster_config()
-    return ClusterConfig(str(doc["remote"]), str(doc["node"])) if doc else None
+    if not doc:
+        return None
+    limit = doc.get("cache_bytes")
+    return ClusterConfig(str(doc["remote"]), str(doc["node"]),
+                         int(limit) if isinstance(limit, int) else None)
+
+
+def set_cache_size(store: Store, cache_bytes: int | None) -> ClusterConfig:
+    """Record a cluster store's ``--cache-size`` (None: unbounded) for this and later mounts."""
+    config = config_of(store)
+    assert config is not None
+    config = ClusterConfig(config.remote, config.node, cache_bytes)
+    with store.metadata_write() as txn:
+        txn.meta_put(CLUSTER_META, json.dumps(config.__dict__).encode())
+    return config
 
 
 def default_node_name() -> str:
@@ -154,7 +183,8 @@ def default_node_name() -> str:
     return name[:64] or "node"
 
 
-def init_remote(store_path: Path, url: str, node: str | None) -> ClusterConfig:
+def init_remote(store_path: Path, url: str, node: str | None,
+                cache_bytes: int | None = None) -> ClusterConfig:
     """Make a new store one node of the cluster store at ``url`` (``hubfs init --remote``)."""
     node = node or default_node_name()
     try:
@@ -168,7 +198,7 @@ def init_remote(store_path: Path, url: str, node: str | None) -> ClusterConfig:
         if seq > 1:
             raise HubfsError(f"{remote.url} already has a node named {node!r}: give this one "
                              "another name with --node", 2)
-        config = ClusterConfig(str(remote.url), node)
+        config = ClusterConfig(str(remote.url), node, cache_bytes)
         with store.metadata_write() as txn:
             txn.meta_put(CLUSTER_META, json.dumps(config.__dict__).encode())
             txn.meta_put(SEQ_META, b"1")
@@ -436,6 +466,9 @@ class ClusterNode:
         self.last_sync: float | None = None
         self.last_error: str | None = None
         self.fetched_bytes = 0
+        self._in_remote: set[bytes] = set()  # contents the bucket is known to hold
+        self.cache = Cache(store, config.cache_bytes, self.in_remote)
+        self.queue.confirmed = self._in_remote.add
         self._lock = trio.Lock()  # one sync at a time
         self._seen_txn = -1  # the index's last transaction when the node last looked
         # fetches of one content wait for each other (a lock per content id's hash)
@@ -485,6 +518,7 @@ class ClusterNode:
             thread.join()
         self._pool.shutdown()
         self.queue.close()
+        self.cache.save()
 
     # ---- sync ---------------------------------------------------------------------------
 
@@ -633,6 +667,7 @@ class ClusterNode:
             log.info("cluster: content %s went away during the pull; applied at the next "
                      "sync", exc)
             return segments, 0, 0
+        self._in_remote.update(tables)  # their tables came from the bucket: it holds them
         for ino in done.unlinked:
             self.unlinked(ino)
         if done.removed:
@@ -748,6 +783,22 @@ class ClusterNode:
         self.fetched_bytes += sum(n for n, _ in placed.values())
         return True
 
+    def in_remote(self, cid: bytes, ask: bool) -> bool | None:
+        """Whether the bucket holds a content and the node may drop its own copy (hubfs.cache):
+        not while its upload is queued. Known from the pulls and uploads of this mount, else
+        (with ``ask``) from a HEAD, once: contents are immutable and nothing deletes them from
+        the bucket. None: not known, not asked. A worker thread; raises ``RemoteError``."""
+        if self.queue.is_queued(cid):
+            return False
+        if cid in self._in_remote:
+            return True
+        if not ask:
+            return None
+        if not self.remote.has_content(cid):
+            return False
+        self._in_remote.add(cid)
+        return True
+
     # ---- reports --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -768,6 +819,7 @@ class ClusterNode:
             "remote_bytes_down": st.bytes_down,
             "remote_bytes_up": st.bytes_up,
             "remote_requests": st.requests,
+            **self.cache.status(),
         }
 
 

@@ -16,13 +16,19 @@ Two steps, each safe to kill at any point:
 
 Readers keep working: cached chunk tables are dropped once locations move, and a reader that
 still opens an old pack retries with fresh locations (``ContentReader``).
+
+A cluster node's cache eviction (hubfs.cache) gives its space back through ``collect`` too: it
+names the packs it emptied in part (``rewrite``), which are then rewritten whatever their live
+bytes. One ``collect`` runs at a time in a process (a second waits): two at once would copy
+the same records.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .errors import IntegrityError
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 # A pack is rewritten when less than this fraction of its bytes is still referenced: routine
 # gc leaves at most a fifth of a pack dead rather than rewrite 128 MiB to win back a little.
 REWRITE_LIVE_FRACTION = 0.8
+_one_at_a_time = threading.Lock()
 
 
 @dataclass
@@ -54,12 +61,21 @@ class GcReport:
 
 
 def collect(store: Store, progress: Callable[[int, int], None] | None = None,
-            show_bar: bool | None = None, full: bool = False) -> GcReport:
+            show_bar: bool | None = None, full: bool = False,
+            rewrite: Collection[int] = ()) -> GcReport:
     """Run both steps on a writable store (the CLI's, or the mount daemon's own). ``full``
-    rewrites every pack holding any dead byte, instead of only the sparse ones."""
-    writer, ingestor = store.writer, store.ingestor
-    if writer is None or ingestor is None:
+    rewrites every pack holding any dead byte, instead of only the sparse ones; the packs in
+    ``rewrite`` are rewritten whatever their live bytes (the current pack too: it is sealed)."""
+    if store.writer is None or store.ingestor is None:
         raise ValueError("gc needs a writable store")
+    with _one_at_a_time:
+        return _collect(store, progress, show_bar, full, rewrite)
+
+
+def _collect(store: Store, progress: Callable[[int, int], None] | None,
+             show_bar: bool | None, full: bool, rewrite: Collection[int]) -> GcReport:
+    writer, ingestor = store.writer, store.ingestor
+    assert writer is not None and ingestor is not None
     report = GcReport(bytes_before=_pack_bytes(store))
     with store.ingest_gate.exclusive():
         ingestor.forget_pending()  # nothing is between prepare and commit now
@@ -89,7 +105,7 @@ def collect(store: Store, progress: Callable[[int, int], None] | None = None,
             continue
         size = store.packs.path(pack_id).stat().st_size
         threshold = size - PACK_HEADER.size if full else REWRITE_LIVE_FRACTION * size
-        if live.get(pack_id, 0) < threshold:
+        if live.get(pack_id, 0) < threshold or pack_id in rewrite:
             candidates.append((pack_id, live.get(pack_id, 0)))
     total = sum(n for _p, n in candidates)
     done = 0

@@ -53,6 +53,11 @@ class Materialiser:
     def used_bytes(self) -> int:
         return sum(self._sizes.values())
 
+    def dropped(self, object_id: int) -> None:
+        """A copy the index no longer names (a cluster node's cache evicted its content)."""
+        self._sizes.pop(object_id, None)
+        self._last_open.pop(object_id, None)
+
     def opened(self, object_id: int) -> None:
         if object_id in self._last_open:
             self._last_open[object_id] = time.monotonic()
@@ -75,14 +80,22 @@ class Materialiser:
         try:
             object_id = self.store.objects.new_id()
             copy = await self._thread(self._copy, content_id)
-            if self.store.object_of(content_id) is not None:  # committed meanwhile
-                copy.unlink()
-                return self.store.object_of(content_id)
-            with self.store.metadata_write() as txn:
-                # its name is made durable before the index is (Store.sync_index)
-                self.store.objects.adopt(copy, object_id)
-                txn.put_object(content_id, object_id)
-                txn.put_materialised(object_id, content_id, size)
+            # gc deletes object files the index does not map, chosen while it holds the
+            # ingest gate alone: the copy becomes an object and is mapped while holding it
+            gate = self.store.ingest_gate
+            if not gate.enter_shared(wait=False):
+                await self._thread(gate.enter_shared)
+            try:
+                if self.store.object_of(content_id) is not None:  # committed meanwhile
+                    copy.unlink()
+                    return self.store.object_of(content_id)
+                with self.store.metadata_write() as txn:
+                    # its name is made durable before the index is (Store.sync_index)
+                    self.store.objects.adopt(copy, object_id)
+                    txn.put_object(content_id, object_id)
+                    txn.put_materialised(object_id, content_id, size)
+            finally:
+                gate.exit_shared()
             self._sizes[object_id] = size
             self._last_open[object_id] = time.monotonic()
             log.info("made an object of %d bytes for content %s (materialised: %d of %d "

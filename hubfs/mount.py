@@ -111,13 +111,15 @@ def fuse_options(store: Path, allow_other: bool, extra: list[str]) -> set[str]:
 def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_other: bool = False,
           options: list[str] | None = None, policy: Policy | None = None,
           ingest_step_bytes: int = INGEST_STEP_BYTES, checked_reads: bool = False,
-          materialise_budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+          materialise_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+          cache_bytes: int | None = None) -> None:
+    """``cache_bytes``: a cluster store's new ``--cache-size`` (0: unbounded; None: keep)."""
     check_mountpoint(store, mountpoint)
     opts = fuse_options(store, allow_other, options or [])
     policy = policy or Policy()
     if foreground:
         serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads,
-              materialise_budget_bytes, ready=lambda msg: None)
+              materialise_budget_bytes, cache_bytes, ready=lambda msg: None)
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -133,7 +135,7 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False, allow_othe
                 os.close(write_end)
 
             serve(store, mountpoint, opts, policy, ingest_step_bytes, checked_reads,
-                  materialise_budget_bytes, ready)
+                  materialise_budget_bytes, cache_bytes, ready)
         except BaseException:
             log.exception("hubfs daemon failed")
             code = 1
@@ -167,7 +169,7 @@ def _detach(store: Path) -> None:
 
 def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
           ingest_step_bytes: int, checked_reads: bool, materialise_budget_bytes: int,
-          ready: Callable[[str], None]) -> None:
+          cache_bytes: int | None, ready: Callable[[str], None]) -> None:
     """Mount and serve until unmounted or signalled; reports readiness through ``ready``."""
     # Worker threads chunk and hash in Python: with the default 5 ms GIL switch interval every
     # request on the trio thread could wait that long behind them.
@@ -185,7 +187,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
                         materialise_budget_bytes)
         trio.run(fs.recover)
         try:
-            node = cluster_node(store, fs)
+            node = cluster_node(store, fs, cache_bytes)
         except HubfsError as exc:
             ready(exc.message)
             return
@@ -219,7 +221,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         background = []
         if node is not None:
             commands["sync"] = node.sync_now
-            background.append(node.run)
+            background += [node.run, node.cache.run]
         else:
             async def not_a_cluster(progress: Callable[[int, int], None]) -> None:
                 raise HubfsError(f"{store_path} is not a cluster store, nothing to sync: "
@@ -236,15 +238,27 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
         store.close()
 
 
-def cluster_node(store: Store, fs: FileSystem) -> ClusterNode | None:
-    """The cluster side of a mount of a cluster store (hubfs.cluster), started; else None."""
+def cluster_node(store: Store, fs: FileSystem, cache_bytes: int | None = None
+                 ) -> ClusterNode | None:
+    """The cluster side of a mount of a cluster store (hubfs.cluster), started; else None.
+    ``cache_bytes``: a new ``--cache-size`` to record (0: unbounded; None: keep the store's)."""
     if store.cluster_config() is None:
+        if cache_bytes is not None:
+            raise HubfsError(f"--cache-size bounds what a node of a cluster store keeps; "
+                             f"{store.path} is not one (`hubfs init STORE --remote URL` makes "
+                             "one)", 2)
         return None  # a plain store: the S3 client is never imported
-    from .cluster import ClusterNode, config_of
+    from .cluster import ClusterNode, config_of, set_cache_size
 
+    if cache_bytes is not None:
+        set_cache_size(store, cache_bytes or None)
     config = config_of(store)
     assert config is not None
     node = ClusterNode(store, config)
+    node.cache.held = fs.held_open
+    node.cache.dropped_object = fs.materialiser.dropped
+    node.cache.reads = lambda: (fs.content_read_bytes, node.fetched_bytes)
+    fs.content_used = node.cache.used
     node.busy = lambda ino: fs.writeback.busy(ino) or fs.writeback.staged(ino) is not None
     node.unlinked = fs._remove_if_unused  # a name another node removed: as an unlink does
     node.invalidate = _invalidate_entry

@@ -126,5 +126,9 @@ class OpenFiles:
             tracked.cached_content = content_id
         return keep
 
+    def open_contents(self) -> set[bytes]:
+        """The stored contents open files read from now."""
+        return {t.content_id for t in self._tracked.values() if t.handles and t.content_id}
+
     def open_count(self) -> int:
         return len(self._handles)

@@ -83,18 +83,26 @@ class IngestGate:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
+        self.enter_exclusive()
+        try:
+            yield
+        finally:
+            self.exit_exclusive()
+
+    def enter_exclusive(self) -> None:
+        """Wait until no ingest is in flight and hold them off. The mount's cache eviction
+        waits for it in a worker and leaves (``exit_exclusive``) on its trio thread."""
         with self._cond:
             self._waiting += 1
             while self._exclusive or self._shared:
                 self._cond.wait()
             self._waiting -= 1
             self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+
+    def exit_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
 
 
 class Store:

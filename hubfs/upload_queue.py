@@ -96,6 +96,8 @@ class UploadQueue:
         self._kicked = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # told (on the drain thread) of each content the bucket is now known to hold
+        self.confirmed: Callable[[bytes], None] = lambda cid: None
         self._load()
 
     # ---- disk ---------------------------------------------------------------------------------
@@ -191,6 +193,11 @@ class UploadQueue:
                 self._cond.notify_all()
         return True
 
+    def is_queued(self, cid: bytes) -> bool:
+        """Whether a content waits to be sent (its upload is not confirmed)."""
+        with self._cond:
+            return content_key(cid) in self._by_key
+
     # ---- draining ---------------------------------------------------------------------------
 
     def _send(self, job: Job) -> None:
@@ -205,6 +212,7 @@ class UploadQueue:
                      job.content.hex())
             return
         self.remote.put_content(job.content, src.chunk_lengths, src.chunk_ids, src.open)
+        self.confirmed(job.content)  # uploaded now, or found there
 
     def drain_once(self) -> bool:
         """Send the oldest job. True if the queue made progress (sent or parked a job); a

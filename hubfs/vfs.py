@@ -42,7 +42,9 @@ the writer's close). Nothing sleeps and polls.
 named: ``PackWriter._sync_lock`` then ``PackWriter._lock`` (appends vs. fsync);
 ``Ingestor._pending_lock``; ``Store.pinned_lock`` (pins vs. gc); ``IngestGate`` (ingests vs. a
 gc step: an ingest holds it shared from its first index lookup to its registration, entering
-in a worker if gc runs and leaving on the trio thread); ``Staging._guard`` (a staging file's
+in a worker if gc runs and leaving on the trio thread; a cluster node's cache eviction,
+hubfs.cache, takes it alone in a worker and leaves it on the trio thread after one index
+transaction); ``Staging._guard`` (a staging file's
 descriptor vs. its readers); the reader's LRU locks. LMDB allows one write transaction at a
 time: the trio thread writes names, attributes and commits; gc (a worker, under the gate) moves
 chunks. No write transaction spans an ``await``.
@@ -62,7 +64,7 @@ import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -134,6 +136,10 @@ class FileSystem:
             "the mount was asked for checked reads (--checked-reads): the daemon serves and "
             "checks every read" if checked_reads else None)
         self.materialiser = Materialiser(store, materialise_budget_bytes, self._thread)
+        # A cluster node's cache (hubfs.cache) is told when a content is opened or closed
+        # (its last use), and counts the content bytes the daemon served (its hit rate).
+        self.content_used: Callable[[bytes], None] = lambda content_id: None
+        self.content_read_bytes = 0
         self.writeback = WriteBack(store, ingest_step_bytes, self.limiter,
                                    self.open_files.writers, self._switched,
                                    self._remove_if_unused, read_limiter=self.read_limiter)
@@ -311,6 +317,8 @@ class FileSystem:
     def _open_reply(self, ino: int, content_id: bytes, writable: bool) -> OpenReply:
         """Serve a new open (see the module docstring) and count it."""
         backing_id = self._kernel_served(ino, content_id, writable)
+        if content_id:
+            self.content_used(content_id)
         served = Served.CACHED if backing_id is None else Served.KERNEL
         fh = self.open_files.open(ino, writable, content_id, served)
         if backing_id is not None:
@@ -380,6 +388,7 @@ class FileSystem:
         if data is None:
             data = await trio.to_thread.run_sync(self.store.reader.read, content_id, offset,
                                                  size, limiter=self.read_limiter)
+        self.content_read_bytes += len(data)
         return data
 
     async def write(self, fh: int, offset: int, data: bytes, caller: Caller | None = None
@@ -404,6 +413,8 @@ class FileSystem:
         await trio.to_thread.run_sync(self.store.sync_index, limiter=self.read_limiter)
 
     async def release(self, fh: int) -> None:
+        with suppress(FsError):
+            self.content_used(self.open_files.content(self.open_files.handle(fh).ino))
         handle = self.open_files.close(fh)
         if handle is None:
             return
@@ -415,6 +426,15 @@ class FileSystem:
 
     async def statfs(self) -> os.statvfs_result:
         return self.names.statfs()
+
+    def held_open(self) -> tuple[set[bytes], set[bytes], set[object]]:
+        """What a cluster node's cache must not evict now (hubfs.cache): the contents of open
+        files, the chunks staged files are laid over (and those pinned for them), and the
+        files the kernel serves opens from."""
+        with self.store.pinned_lock:
+            chunks = set(self.store.pinned)
+        return (self.open_files.open_contents(), chunks | self.writeback.base_chunks(),
+                self.backing.sources())
 
     # -- the daemon's life
     async def sync_periodically(self) -> None:

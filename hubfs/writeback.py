@@ -131,6 +131,10 @@ class WriteBack:
         pending = self._files.get(ino)
         return pending is not None and pending.busy.locked()
 
+    def base_chunks(self) -> set[bytes]:
+        """Chunks that staged files are laid over (their bytes are read at commit)."""
+        return {chunk_id for p in self._files.values() for chunk_id in p.staging.base_ids}
+
     def counts(self) -> dict[str, int]:
         return {"staged_files": len(self._files),
                 "ingests_running": sum(p.busy.locked() for p in self._files.values()),
