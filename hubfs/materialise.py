@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +36,36 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET_BYTES = 8 << 30
 
 
+@dataclass
+class _Copy:
+    size: int
+    last_open: float  # monotonic time
+
+
 class Materialiser:
     def __init__(self, store: Store, budget_bytes: int,
                  run_in_thread: Callable[..., Awaitable[Any]]) -> None:
         self.store = store
         self.budget_bytes = budget_bytes
         self._thread = run_in_thread
-        self._last_open: dict[int, float] = {}  # object id -> monotonic time of last open
-        self._sizes: dict[int, int] = {}
+        self._copies: dict[int, _Copy] = {}  # by object id
         self._making: dict[bytes, trio.Event] = {}
         with store.read() as txn:
             for object_id, _cid, size in txn.materialised():
-                self._sizes[object_id] = size
-                self._last_open[object_id] = time.monotonic()
+                self._copies[object_id] = _Copy(size, time.monotonic())
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return sum(copy.size for copy in self._copies.values())
 
     def dropped(self, object_id: int) -> None:
         """A copy the index no longer names (a cluster node's cache evicted its content)."""
-        self._sizes.pop(object_id, None)
-        self._last_open.pop(object_id, None)
+        self._copies.pop(object_id, None)
 
     def opened(self, object_id: int) -> None:
-        if object_id in self._last_open:
-            self._last_open[object_id] = time.monotonic()
+        copy = self._copies.get(object_id)
+        if copy is not None:
+            copy.last_open = time.monotonic()
 
     async def object_for(self, content_id: bytes, size: int, in_use: Callable[[int], bool]
                          ) -> int | None:
@@ -96,8 +101,7 @@ class Materialiser:
                     txn.put_materialised(object_id, content_id, size)
             finally:
                 gate.exit_shared()
-            self._sizes[object_id] = size
-            self._last_open[object_id] = time.monotonic()
+            self._copies[object_id] = _Copy(size, time.monotonic())
             log.info("made an object of %d bytes for content %s (materialised: %d of %d "
                      "bytes)", size, content_id.hex()[:16], self.used_bytes, self.budget_bytes)
             return object_id
@@ -122,12 +126,12 @@ class Materialiser:
     async def _make_room(self, size: int, in_use: Callable[[int], bool]) -> bool:
         evict = []
         used = self.used_bytes
-        for object_id in sorted(self._last_open, key=self._last_open.__getitem__):
+        for object_id in sorted(self._copies, key=lambda o: self._copies[o].last_open):
             if used + size <= self.budget_bytes:
                 break
             if not in_use(object_id):
                 evict.append(object_id)
-                used -= self._sizes[object_id]
+                used -= self._copies[object_id].size
         if used + size > self.budget_bytes:
             return False
         if evict:
@@ -138,7 +142,7 @@ class Materialiser:
                             txn.delete_object(content_id)
                         txn.delete_materialised(object_id)
             for object_id in evict:
-                del self._sizes[object_id], self._last_open[object_id]
+                del self._copies[object_id]
             await self._thread(self._remove, evict)
         return True
 
