@@ -66,9 +66,10 @@ file opened twice takes twice its size until evicted (copies stay within
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
 while the remote is down; a content another node uploaded is found by a HEAD and not sent.
 
-*Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments, publishes
-a snapshot of its merged view (``ClusterLog.compact``, on a copy: the local namespace follows it
-at the next pull) and prunes (``ClusterLog.prune``).
+*Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments (the
+mount's environment variable ``HUBFS_COMPACT_AFTER_SEGMENTS`` sets another number, read by
+``compact_after_segments``), publishes a snapshot of its merged view (``ClusterLog.compact``,
+on a copy: the local namespace follows it at the next pull) and prunes (``ClusterLog.prune``).
 
 *Costs.* Each sync that follows a local index change walks the namespace; each sync that
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
@@ -150,6 +151,20 @@ MOUNT_CONNECT_TIMEOUT_S = 2.0
 MOUNT_READ_TIMEOUT_S = 5.0
 MOUNT_DEADLINE_S = 6.0
 SYNC_UPLOAD_WAIT_S = 300.0  # `hubfs sync` waits this long for the queue to drain
+COMPACT_ENV = "HUBFS_COMPACT_AFTER_SEGMENTS"
+
+
+def compact_after_segments() -> int:
+    """How many of its own segments a node seals between two compactions:
+    ``COMPACT_AFTER_SEGMENTS``, unless the mount's environment says otherwise (tests compact
+    after a few; a cluster whose nodes sync rarely may want snapshots more often)."""
+    raw = os.environ.get(COMPACT_ENV)
+    if raw is None:
+        return COMPACT_AFTER_SEGMENTS
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise HubfsError(f"{COMPACT_ENV}={raw!r}: give a whole number of segments (1 or more), "
+                         f"or unset it for the default {COMPACT_AFTER_SEGMENTS}", 2)
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -461,6 +476,7 @@ class ClusterNode:
         self.remote = Remote(config.remote, connect_timeout_s=MOUNT_CONNECT_TIMEOUT_S,
                              read_timeout_s=MOUNT_READ_TIMEOUT_S, deadline_s=MOUNT_DEADLINE_S)
         self.log = ClusterLog(self.remote, config.node)
+        self.compact_after = compact_after_segments()
         self.queue = UploadQueue(store.path / UPLOADS_DIR, self.remote, content_source(store))
         self.view = View()
         self.last_sync: float | None = None
@@ -567,10 +583,10 @@ class ClusterNode:
                     "applied_paths": applied, "skipped_paths": skipped}
 
     def _compaction_mark(self) -> int:
-        return (self.next_seq - 1) // COMPACT_AFTER_SEGMENTS * COMPACT_AFTER_SEGMENTS
+        return (self.next_seq - 1) // self.compact_after * self.compact_after
 
     async def _compact_if_due(self) -> None:
-        """Every ``COMPACT_AFTER_SEGMENTS`` of its own segments, a node writes a snapshot of
+        """Every ``compact_after`` of its own segments, a node writes a snapshot of
         the merged view and prunes what older snapshots cover, so that a new or long-offline
         node reads a snapshot and a few segments, not the whole history."""
         mark = self._compaction_mark()

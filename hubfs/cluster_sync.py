@@ -170,6 +170,9 @@ class ClusterLog:
         """Bring the view up to date: the newest useful snapshot, then every node's segments
         after its frontier, in sequence."""
         changed, gen = self._load_snapshot(view, self._snapshot_gens())
+        if gen is not None:
+            log.info("%s: snapshot %d applied (%d paths changed)", self.remote.url, gen,
+                     len(changed))
         segments = 0
         stalled = []
         for node in sorted(self.remote.list_dirs("log/")):
