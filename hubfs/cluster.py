@@ -68,8 +68,11 @@ while the remote is down; a content another node uploaded is found by a HEAD and
 
 *Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments (the
 mount's environment variable ``HUBFS_COMPACT_AFTER_SEGMENTS`` sets another number, read by
-``compact_after_segments``), publishes a snapshot of its merged view (``ClusterLog.compact``,
-on a copy: the local namespace follows it at the next pull) and prunes (``ClusterLog.prune``).
+``compact_after_segments``), pulls into a copy of its view and, once the bucket holds every
+segment the node sealed, publishes it as a snapshot (``ClusterLog.publish_snapshot``; the local
+namespace follows it at the next pull) and prunes (``ClusterLog.prune``). A snapshot thus holds
+only what its frontier covers, never an entry of a segment still queued, whose contents may not
+be in the bucket yet; while the queue is behind, compaction waits for a later sync.
 
 *Costs.* Each sync that follows a local index change walks the namespace; each sync that
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
@@ -594,14 +597,22 @@ class ClusterNode:
             return
         scratch = View(dict(self.view.entries), dict(self.view.frontier),
                        self.view.snapshot_gen)
+        sealed = self.next_seq - 1
 
-        def compact() -> None:
-            gen = self.log.compact(scratch)
-            if gen is not None:
+        def compact() -> bool:
+            self.log.pull(scratch)
+            # The view holds the entries of every segment the node sealed, published or still
+            # queued; a snapshot must hold only what its frontier covers (contents a queued
+            # segment names may not be in the bucket yet). Until the queue has sent them all,
+            # the snapshot waits for a later sync.
+            if scratch.frontier.get(self.config.node, 0) < sealed:
+                return False
+            if self.log.publish_snapshot(scratch) is not None:
                 self.log.prune()
+            return True
 
-        await trio.to_thread.run_sync(compact)
-        self._compacted_upto = mark
+        if await trio.to_thread.run_sync(compact):
+            self._compacted_upto = mark
 
     def _txn_id(self) -> int:
         return int(self.store.index.env.info()["last_txnid"])

@@ -213,9 +213,15 @@ class ClusterLog:
     # ---- compaction ---------------------------------------------------------------------------
 
     def compact(self, view: View) -> int | None:
-        """Pull, then publish the view as the next snapshot. Its generation, or None when
-        another node published that generation first (its snapshot serves as well)."""
+        """Pull, then publish the view as the next snapshot (``publish_snapshot``)."""
         self.pull(view)
+        return self.publish_snapshot(view)
+
+    def publish_snapshot(self, view: View) -> int | None:
+        """Publish a view just pulled as the next snapshot: its generation, or None when
+        another node published that generation first (its snapshot serves as well). The view
+        must hold nothing beyond its frontier (a node's own entries from segments it has not
+        published yet): a snapshot is the join of the segments its frontier covers."""
         gens = self._snapshot_gens()
         gen = (gens[-1] if gens else 0) + 1
         if not self.remote.put_if_absent(snapshot_key(gen), encode_snapshot(view.snapshot(gen))):
