@@ -117,6 +117,16 @@ class ClusterLog:
         self.node = node
         self.clock = clock or HybridClock(node)
         self.last_pull: float | None = None
+        self._damaged: set[str] = set()  # keys reported damaged (see ``_report_damaged``)
+
+    def _report_damaged(self, key: str, exc: DamagedObject, then: str) -> None:
+        """One WARNING per damaged object: every pull meets it again until it is put right,
+        and a mount pulls every few seconds."""
+        if key in self._damaged:
+            log.debug("%s; %s", exc, then)
+            return
+        self._damaged.add(key)
+        log.warning("%s; %s", exc, then)
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -158,8 +168,9 @@ class ClusterLog:
             try:
                 snap = decode_snapshot(data, f"{self.remote.url}/{snapshot_key(gen)}")
             except DamagedObject as exc:
-                log.warning("%s; trying an older snapshot", exc)
+                self._report_damaged(snapshot_key(gen), exc, "trying an older snapshot")
                 continue
+            self._damaged.discard(snapshot_key(gen))
             if view.covers(snap.frontier):
                 view.snapshot_gen = max(view.snapshot_gen, gen)
                 return [], None
@@ -199,9 +210,11 @@ class ClusterLog:
                         raise DamagedObject(f"{self.remote.url}/{obj.key}: holds segment "
                                             f"{seg.node}/{seg.seq}")
                 except DamagedObject as exc:
-                    log.warning("%s; %s's later segments wait until it is readable", exc, node)
+                    self._report_damaged(obj.key, exc,
+                                         f"{node}'s later segments wait until it is readable")
                     stalled.append(node)
                     break
+                self._damaged.discard(obj.key)
                 changed += view.apply_segment(seg)
                 segments += 1
         top = view.max_hlc()
@@ -244,7 +257,7 @@ class ClusterLog:
         try:
             oldest = decode_snapshot(data, f"{self.remote.url}/{snapshot_key(kept[0])}")
         except DamagedObject as exc:
-            log.warning("%s; nothing pruned", exc)
+            self._report_damaged(snapshot_key(kept[0]), exc, "nothing pruned")
             return 0
         deleted = 0
         for gen in gens[:-keep]:
