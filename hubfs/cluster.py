@@ -78,12 +78,11 @@ be in the bucket yet; while the queue is behind, compaction waits for a later sy
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
 thousands of files; a tree of millions wants per-operation entries and an incremental view.
 
-Missing (said here so that nobody assumes it): a test of compaction
-through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
-reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
-before reading it fails with EIO; a new file or a rename is fine); an index snapshot taken
-between a fetch and the next ``sync_index`` may name fetched chunks an OS crash then loses
-(``verify --repair`` from it reports those files rather than marking them remote again).
+Missing (said here so that nobody assumes it): reads of a remote-only file's bytes by
+writeback (opening such a file for an in-place update before reading it fails with EIO; a new
+file or a rename is fine); an index snapshot taken between a fetch and the next ``sync_index``
+may name fetched chunks an OS crash then loses (``verify --repair`` from it reports those files
+rather than marking them remote again).
 """
 
 from __future__ import annotations
