@@ -132,13 +132,17 @@ class ClusterLog:
 
     def next_seq(self) -> int:
         """The sequence number after this node's newest published segment (a fresh node, or
-        one that lost its local state, starts from the bucket)."""
+        one that lost its local state, starts from the bucket). Pruning deletes a node's old
+        segments, all of them if it has been quiet since: the newest snapshot's frontier
+        counts too, else the node would publish below every reader's frontier for it."""
         last = 0
         for obj in self.remote.list_objects(f"log/{self.node}/"):
             n = _number(obj.key)
             if n is not None:
                 last = max(last, n)
-        return last + 1
+        covered = View()
+        self._load_snapshot(covered, self._snapshot_gens())
+        return max(last, covered.frontier.get(self.node, 0)) + 1
 
     def segment_object(self, seg: Segment) -> tuple[str, bytes]:
         """The key and bytes of a sealed segment, for the upload queue."""
