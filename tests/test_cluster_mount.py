@@ -438,6 +438,12 @@ def test_offline_node_catches_up_from_a_compacted_log(
     unmount_and_check(b, request)  # offline from here on
     try:
         newest = changes_on_a_while_b_is_offline(a, bucket)
+        # B's only segment is pruned: a new store may still not take B's name (its segment 1
+        # would lie below every node's frontier for B, and never be merged)
+        clash = run_hubfs("init", str(b.store.parent / "store-b2"), "--remote", remote_url,
+                          "--node", "b", check=False)
+        assert clash.returncode != 0 and "already has a node named 'b'" in clash.stderr, \
+            clash.stderr
     finally:
         mount_store(b.store, b.path)  # B comes back (after a failed check too: for teardown)
     # B catches up from snapshot `newest` plus the later segments.
