@@ -66,20 +66,23 @@ file opened twice takes twice its size until evicted (copies stay within
 *Uploads* go through the durable queue (``STORE/uploads``), in the background, with backoff
 while the remote is down; a content another node uploaded is found by a HEAD and not sent.
 
-*Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments, publishes
-a snapshot of its merged view (``ClusterLog.compact``, on a copy: the local namespace follows it
-at the next pull) and prunes (``ClusterLog.prune``).
+*Compaction.* Each node, after every ``COMPACT_AFTER_SEGMENTS`` of its own segments (the
+mount's environment variable ``HUBFS_COMPACT_AFTER_SEGMENTS`` sets another number, read by
+``compact_after_segments``), pulls into a copy of its view and, once the bucket holds every
+segment the node sealed, publishes it as a snapshot (``ClusterLog.publish_snapshot``; the local
+namespace follows it at the next pull) and prunes (``ClusterLog.prune``). A snapshot thus holds
+only what its frontier covers, never an entry of a segment still queued, whose contents may not
+be in the bucket yet; while the queue is behind, compaction waits for a later sync.
 
 *Costs.* Each sync that follows a local index change walks the namespace; each sync that
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
 thousands of files; a tree of millions wants per-operation entries and an incremental view.
 
-Missing (said here so that nobody assumes it): a test of compaction
-through a mount (it takes 256 segments; ``cluster_sync``'s own tests cover compact and prune);
-reads of a remote-only file's bytes by writeback (opening such a file for an in-place update
-before reading it fails with EIO; a new file or a rename is fine); an index snapshot taken
-between a fetch and the next ``sync_index`` may name fetched chunks an OS crash then loses
-(``verify --repair`` from it reports those files rather than marking them remote again).
+Missing (said here so that nobody assumes it): reads of a remote-only file's bytes by
+writeback (opening such a file for an in-place update before reading it fails with EIO; a new
+file or a rename is fine); an index snapshot taken between a fetch and the next ``sync_index``
+may name fetched chunks an OS crash then loses (``verify --repair`` from it reports those files
+rather than marking them remote again).
 """
 
 from __future__ import annotations
@@ -150,6 +153,20 @@ MOUNT_CONNECT_TIMEOUT_S = 2.0
 MOUNT_READ_TIMEOUT_S = 5.0
 MOUNT_DEADLINE_S = 6.0
 SYNC_UPLOAD_WAIT_S = 300.0  # `hubfs sync` waits this long for the queue to drain
+COMPACT_ENV = "HUBFS_COMPACT_AFTER_SEGMENTS"
+
+
+def compact_after_segments() -> int:
+    """How many of its own segments a node seals between two compactions:
+    ``COMPACT_AFTER_SEGMENTS``, unless the mount's environment says otherwise (tests compact
+    after a few; a cluster whose nodes sync rarely may want snapshots more often)."""
+    raw = os.environ.get(COMPACT_ENV)
+    if raw is None:
+        return COMPACT_AFTER_SEGMENTS
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise HubfsError(f"{COMPACT_ENV}={raw!r}: give a whole number of segments (1 or more), "
+                         f"or unset it for the default {COMPACT_AFTER_SEGMENTS}", 2)
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -461,6 +478,7 @@ class ClusterNode:
         self.remote = Remote(config.remote, connect_timeout_s=MOUNT_CONNECT_TIMEOUT_S,
                              read_timeout_s=MOUNT_READ_TIMEOUT_S, deadline_s=MOUNT_DEADLINE_S)
         self.log = ClusterLog(self.remote, config.node)
+        self.compact_after = compact_after_segments()
         self.queue = UploadQueue(store.path / UPLOADS_DIR, self.remote, content_source(store))
         self.view = View()
         self.last_sync: float | None = None
@@ -567,10 +585,10 @@ class ClusterNode:
                     "applied_paths": applied, "skipped_paths": skipped}
 
     def _compaction_mark(self) -> int:
-        return (self.next_seq - 1) // COMPACT_AFTER_SEGMENTS * COMPACT_AFTER_SEGMENTS
+        return (self.next_seq - 1) // self.compact_after * self.compact_after
 
     async def _compact_if_due(self) -> None:
-        """Every ``COMPACT_AFTER_SEGMENTS`` of its own segments, a node writes a snapshot of
+        """Every ``compact_after`` of its own segments, a node writes a snapshot of
         the merged view and prunes what older snapshots cover, so that a new or long-offline
         node reads a snapshot and a few segments, not the whole history."""
         mark = self._compaction_mark()
@@ -578,14 +596,22 @@ class ClusterNode:
             return
         scratch = View(dict(self.view.entries), dict(self.view.frontier),
                        self.view.snapshot_gen)
+        sealed = self.next_seq - 1
 
-        def compact() -> None:
-            gen = self.log.compact(scratch)
-            if gen is not None:
+        def compact() -> bool:
+            self.log.pull(scratch)
+            # The view holds the entries of every segment the node sealed, published or still
+            # queued; a snapshot must hold only what its frontier covers (contents a queued
+            # segment names may not be in the bucket yet). Until the queue has sent them all,
+            # the snapshot waits for a later sync.
+            if scratch.frontier.get(self.config.node, 0) < sealed:
+                return False
+            if self.log.publish_snapshot(scratch) is not None:
                 self.log.prune()
+            return True
 
-        await trio.to_thread.run_sync(compact)
-        self._compacted_upto = mark
+        if await trio.to_thread.run_sync(compact):
+            self._compacted_upto = mark
 
     def _txn_id(self) -> int:
         return int(self.store.index.env.info()["last_txnid"])

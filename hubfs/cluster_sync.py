@@ -117,18 +117,32 @@ class ClusterLog:
         self.node = node
         self.clock = clock or HybridClock(node)
         self.last_pull: float | None = None
+        self._damaged: set[str] = set()  # keys reported damaged (see ``_report_damaged``)
+
+    def _report_damaged(self, key: str, exc: DamagedObject, then: str) -> None:
+        """One WARNING per damaged object: every pull meets it again until it is put right,
+        and a mount pulls every few seconds."""
+        if key in self._damaged:
+            log.debug("%s; %s", exc, then)
+            return
+        self._damaged.add(key)
+        log.warning("%s; %s", exc, then)
 
     # ---- writing ------------------------------------------------------------------------------
 
     def next_seq(self) -> int:
         """The sequence number after this node's newest published segment (a fresh node, or
-        one that lost its local state, starts from the bucket)."""
+        one that lost its local state, starts from the bucket). Pruning deletes a node's old
+        segments, all of them if it has been quiet since: the newest snapshot's frontier
+        counts too, else the node would publish below every reader's frontier for it."""
         last = 0
         for obj in self.remote.list_objects(f"log/{self.node}/"):
             n = _number(obj.key)
             if n is not None:
                 last = max(last, n)
-        return last + 1
+        covered = View()
+        self._load_snapshot(covered, self._snapshot_gens())
+        return max(last, covered.frontier.get(self.node, 0)) + 1
 
     def segment_object(self, seg: Segment) -> tuple[str, bytes]:
         """The key and bytes of a sealed segment, for the upload queue."""
@@ -158,8 +172,9 @@ class ClusterLog:
             try:
                 snap = decode_snapshot(data, f"{self.remote.url}/{snapshot_key(gen)}")
             except DamagedObject as exc:
-                log.warning("%s; trying an older snapshot", exc)
+                self._report_damaged(snapshot_key(gen), exc, "trying an older snapshot")
                 continue
+            self._damaged.discard(snapshot_key(gen))
             if view.covers(snap.frontier):
                 view.snapshot_gen = max(view.snapshot_gen, gen)
                 return [], None
@@ -170,6 +185,9 @@ class ClusterLog:
         """Bring the view up to date: the newest useful snapshot, then every node's segments
         after its frontier, in sequence."""
         changed, gen = self._load_snapshot(view, self._snapshot_gens())
+        if gen is not None:
+            log.info("%s: snapshot %d applied (%d paths changed)", self.remote.url, gen,
+                     len(changed))
         segments = 0
         stalled = []
         for node in sorted(self.remote.list_dirs("log/")):
@@ -196,9 +214,11 @@ class ClusterLog:
                         raise DamagedObject(f"{self.remote.url}/{obj.key}: holds segment "
                                             f"{seg.node}/{seg.seq}")
                 except DamagedObject as exc:
-                    log.warning("%s; %s's later segments wait until it is readable", exc, node)
+                    self._report_damaged(obj.key, exc,
+                                         f"{node}'s later segments wait until it is readable")
                     stalled.append(node)
                     break
+                self._damaged.discard(obj.key)
                 changed += view.apply_segment(seg)
                 segments += 1
         top = view.max_hlc()
@@ -210,9 +230,15 @@ class ClusterLog:
     # ---- compaction ---------------------------------------------------------------------------
 
     def compact(self, view: View) -> int | None:
-        """Pull, then publish the view as the next snapshot. Its generation, or None when
-        another node published that generation first (its snapshot serves as well)."""
+        """Pull, then publish the view as the next snapshot (``publish_snapshot``)."""
         self.pull(view)
+        return self.publish_snapshot(view)
+
+    def publish_snapshot(self, view: View) -> int | None:
+        """Publish a view just pulled as the next snapshot: its generation, or None when
+        another node published that generation first (its snapshot serves as well). The view
+        must hold nothing beyond its frontier (a node's own entries from segments it has not
+        published yet): a snapshot is the join of the segments its frontier covers."""
         gens = self._snapshot_gens()
         gen = (gens[-1] if gens else 0) + 1
         if not self.remote.put_if_absent(snapshot_key(gen), encode_snapshot(view.snapshot(gen))):
@@ -235,7 +261,7 @@ class ClusterLog:
         try:
             oldest = decode_snapshot(data, f"{self.remote.url}/{snapshot_key(kept[0])}")
         except DamagedObject as exc:
-            log.warning("%s; nothing pruned", exc)
+            self._report_damaged(snapshot_key(kept[0]), exc, "nothing pruned")
             return 0
         deleted = 0
         for gen in gens[:-keep]:

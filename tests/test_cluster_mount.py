@@ -3,12 +3,15 @@
 What a user of the issue's main scenario sees: a tree written on node A appears on node B after
 ``hubfs sync`` on both, B reads identical bytes (fetched lazily from the bucket), B's store grows
 by about what it read, and changes flow back from B to A. A store that does not answer fails a
-read of remote-only data with EIO in bounded time while local data keeps serving.
+read of remote-only data with EIO in bounded time while local data keeps serving. A node
+offline while another compacted and pruned the log catches up from a snapshot and the later
+segments, and objects never published whole are not merged.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -21,6 +24,20 @@ from typing import Any
 
 import pytest
 
+from hubfs.cluster_sync import segment_key, snapshot_key
+from hubfs.contents import EMPTY
+from hubfs.namespace_log import (
+    HLC,
+    Entry,
+    Kind,
+    Segment,
+    Snapshot,
+    View,
+    decode_segment,
+    decode_snapshot,
+    encode_segment,
+    encode_snapshot,
+)
 from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
 from tests.seaweed import Seaweed
 from tests.test_multi_user import ALICE, BOB, users  # noqa: F401 (a fixture)
@@ -339,3 +356,191 @@ def test_sync_of_a_plain_store_says_what_to_do(mounted: Mounted) -> None:
     assert done.returncode != 0
     assert "is not a cluster store" in done.stderr and "--remote" in done.stderr
     assert "cluster" not in json.loads(run_hubfs("status", str(mounted.path), "--json").stdout)
+
+
+# ---- compaction through mounts --------------------------------------------------------------
+
+COMPACT_AFTER = 2  # HUBFS_COMPACT_AFTER_SEGMENTS for the compaction test: a snapshot per 2 syncs
+CHANGE_BYTES = 1024 * 1024  # each change uploads a content this big ahead of its segment
+
+
+@pytest.fixture
+def compact_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mounts started after this compact every ``COMPACT_AFTER`` of their own segments."""
+    monkeypatch.setenv("HUBFS_COMPACT_AFTER_SEGMENTS", str(COMPACT_AFTER))
+
+
+class Bucket:
+    """The namespace log as it lies in the bucket, read and written behind hubfs's back."""
+
+    def __init__(self, seaweed: Seaweed, remote_url: str) -> None:
+        self.raw: Any = seaweed.client()
+        self.bucket, _, self.prefix = remote_url[len("s3://"):].partition("/")
+
+    def keys(self, under: str) -> list[str]:
+        listed = self.raw.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/{under}")
+        return [o["Key"][len(self.prefix) + 1:] for o in listed.get("Contents", ())]
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.raw.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}")["Body"]
+                     .read())
+
+    def put(self, key: str, data: bytes) -> None:
+        """A plain PUT, not hubfs's conditional one: what a torn or foreign write leaves."""
+        self.raw.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}", Body=data)
+
+    def snapshots(self) -> dict[int, Snapshot]:
+        return {int(k.rpartition("/")[2]): decode_snapshot(self.get(k), k)
+                for k in self.keys("snap/")}
+
+    def segments(self, node: str) -> dict[int, Segment]:
+        return {int(k.rpartition("/")[2]): decode_segment(self.get(k), k)
+                for k in self.keys(f"log/{node}/")}
+
+
+def files(root: Path) -> dict[str, tuple]:
+    """``tree`` plus, for files, their mtime and a digest of their bytes."""
+    out = tree(root)
+    for rel, info in out.items():
+        if info[0] == "f":
+            path = root / rel
+            out[rel] = (*info, path.stat().st_mtime_ns,
+                        hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+def warnings_in(node: Mounted) -> list[str]:
+    return [line for line in node.log().splitlines() if " WARNING " in line or " ERROR " in line]
+
+
+@pytest.mark.allow_warnings  # exactly the expected ones: checked below
+def test_offline_node_catches_up_from_a_compacted_log(
+        compact_often: None, nodes: tuple[Mounted, Mounted], seaweed: Seaweed,
+        remote_url: str, request: pytest.FixtureRequest) -> None:
+    """A makes many changes over many syncs while B is unmounted: A compacts (snapshots appear)
+    and prunes (the segments the oldest kept snapshot covers are gone). B, mounted again, can
+    only catch up from a snapshot plus the later segments, and ends with A's tree: names,
+    bytes, modes, mtimes, symlinks, and deletions (a file A created and deleted before
+    compacting never appears; B's own file that A deleted goes). Objects that were never
+    published whole (a segment cut short, a snapshot cut short) are not merged, and each is
+    reported with one log line however often the nodes pull."""
+    a, b = nodes
+    bucket = Bucket(seaweed, remote_url)
+    # Before B goes offline: both hold a shared file, and a file of B's that A will delete.
+    (b.path / "b").mkdir()
+    (b.path / "b" / "kept.txt").write_text("B's, kept")
+    (b.path / "b" / "gone.txt").write_text("B's, deleted by A")
+    (a.path / "shared.txt").write_text("v1")
+    sync(b)
+    sync(a)
+    sync(b)
+    assert files(a.path) == files(b.path)
+    unmount_and_check(b, request)  # offline from here on
+    try:
+        newest = changes_on_a_while_b_is_offline(a, bucket)
+        # B's only segment is pruned: a new store may still not take B's name (its segment 1
+        # would lie below every node's frontier for B, and never be merged)
+        clash = run_hubfs("init", str(b.store.parent / "store-b2"), "--remote", remote_url,
+                          "--node", "b", check=False)
+        assert clash.returncode != 0 and "already has a node named 'b'" in clash.stderr, \
+            clash.stderr
+    finally:
+        mount_store(b.store, b.path)  # B comes back (after a failed check too: for teardown)
+    # B catches up from snapshot `newest` plus the later segments.
+    sync(b)
+    want = files(a.path)
+    assert "ephemeral.txt" not in want and "b/gone.txt" not in want and "b/kept.txt" in want
+    assert want["d/link"] == ("l", "f0") and want["d/sub"] == ("d", 0o750)
+    assert not {"from-c-1", "from-c-2", "from-torn-snapshot"} & set(want)
+    assert files(b.path) == want
+    assert f"snapshot {newest} applied" in b.log()
+    for node in (a, b):
+        found = warnings_in(node)
+        assert len(found) == 2, found
+        assert sum(segment_key("c", 1) in line for line in found) == 1, found
+        assert sum(snapshot_key(newest + 1) in line for line in found) == 1, found
+    # and B's changes flow to A again (B's segment 2 follows its pruned segment 1)
+    (b.path / "b" / "after.txt").write_text("B, back online")
+    sync(b)
+    sync(a)
+    assert (a.path / "b" / "after.txt").read_text() == "B, back online"
+    assert files(a.path) == files(b.path)
+
+
+def changes_on_a_while_b_is_offline(a: Mounted, bucket: Bucket) -> int:
+    """A's part of the compaction test; the generation of the newest whole snapshot."""
+    # A's changes, each published by its own `hubfs sync`, until four snapshots were taken.
+    (a.path / "d").mkdir()
+    steps = [
+        lambda: (a.path / "d" / "link").symlink_to("f0"),
+        lambda: (a.path / "ephemeral.txt").write_text("created, then deleted before compaction"),
+        lambda: (a.path / "ephemeral.txt").unlink(),
+        lambda: (a.path / "b" / "gone.txt").unlink(),
+        lambda: (a.path / "d" / "f0").chmod(0o600),
+        lambda: (a.path / "shared.txt").write_text("v2"),
+        lambda: (a.path / "d" / "sub").mkdir(mode=0o750),
+        lambda: (a.path / "d" / "sub" / "abs-link").symlink_to("/nowhere/at/all"),
+    ]
+    i = 0
+    while min(bucket.snapshots(), default=0) < 2:  # snapshot 1 pruned: four were taken
+        assert i < 3 * len(steps), (i, bucket.keys("snap/"), bucket.keys("log/"))
+        (a.path / "d" / f"f{i}").write_bytes(os.urandom(CHANGE_BYTES + i))
+        if i < len(steps):
+            steps[i]()
+        sync(a)
+        i += 1
+    # Pruned: three snapshots kept, and no segment at or below the oldest one's frontier.
+    snaps = bucket.snapshots()
+    gens = sorted(snaps)
+    assert len(gens) == 3 and gens[0] >= 2, gens
+    oldest = snaps[gens[0]].frontier
+    assert oldest["b"] == 1 and not bucket.segments("b")
+    kept_a = sorted(bucket.segments("a"))
+    assert kept_a[0] == oldest["a"] + 1, (kept_a, oldest)
+    # Each newer snapshot is exactly the oldest plus the segments up to its frontier.
+    for gen in gens[1:]:
+        view = View({e.path: e for e in snaps[gens[0]].entries}, dict(oldest), gens[0])
+        for seq in range(oldest["a"] + 1, snaps[gen].frontier["a"] + 1):
+            view.apply_segment(bucket.segments("a")[seq])
+        assert view.frontier == snaps[gen].frontier
+        assert view.entries == {e.path: e for e in snaps[gen].entries}, gen
+    # Later segments: a change or two after the newest snapshot (a rename: a tombstone and a
+    # new entry in one segment).
+    newest = gens[-1]
+    j = 0
+    while max(bucket.segments("a")) <= bucket.snapshots()[newest].frontier["a"]:
+        assert j < 3
+        os.rename(a.path / "d" / f"f{j}", a.path / f"renamed-{j}")
+        sync(a)
+        assert max(bucket.snapshots()) == newest  # (one change: no compaction in between)
+        j += 1
+
+    # Torn uploads, as a store without atomic PUTs or a writer killed mid-PUT would leave them:
+    # node c's segment 1 cut short (its whole segment 2 must then wait), and the next snapshot
+    # cut short (readers fall back to the newest whole one).
+    hlc = HLC(time.time_ns() // 1_000_000 + 60_000, 0, "c")
+    seg1 = encode_segment(Segment("c", 1, (Entry("from-c-1", Kind.FILE, hlc, content=EMPTY
+                                                 .content_id),)))
+    seg2 = encode_segment(Segment("c", 2, (Entry("from-c-2", Kind.FILE, hlc, content=EMPTY
+                                                 .content_id),)))
+    bucket.put(segment_key("c", 1), seg1[:len(seg1) // 2])
+    bucket.put(segment_key("c", 2), seg2)
+    whole = bucket.snapshots()[newest]
+    bad = encode_snapshot(Snapshot(newest + 1, {**whole.frontier, "a": 10**6}, whole.entries + (
+        Entry("from-torn-snapshot", Kind.FILE, hlc, content=EMPTY.content_id),)))
+    bucket.put(snapshot_key(newest + 1), bad[:len(bad) * 3 // 4])
+    sync(a)  # (two pulls, three with the background's)
+    return newest
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_a_bad_compaction_setting_fails_the_mount_in_one_line(
+        tmp_path: Path, remote_url: str, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    store = tmp_path / "store"
+    run_hubfs("init", str(store), "--remote", remote_url, "--node", "a")
+    monkeypatch.setenv("HUBFS_COMPACT_AFTER_SEGMENTS", value)
+    (tmp_path / "mnt").mkdir()
+    done = run_hubfs("mount", str(store), str(tmp_path / "mnt"), check=False)
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and f"HUBFS_COMPACT_AFTER_SEGMENTS='{value}'" in \
+        done.stderr and "whole number" in done.stderr, done.stderr
