@@ -17,8 +17,8 @@ def test_top_help_is_for_users() -> None:
 def test_every_command_says_what_it_is_for_with_an_example() -> None:
     commands = cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert {"bench", "prune", "mount", "gc"} <= set(commands)
-    for name in commands:
-        out = run_cli(name, "--help", check=True).stdout
+    for name, parser in commands.items():
+        out = parser.format_help()  # what `hubfs NAME --help` prints (in-process: 20 commands)
         description = out.split("\n\n")[1]
         assert len(description.split()) >= 8, (name, description)
         example = out.rsplit("example:\n", 1)[1].strip().splitlines()

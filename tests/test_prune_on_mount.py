@@ -165,7 +165,7 @@ def test_prune_on_a_mount_of_real_caches(
     result = client_result(run_client(torch_python, keep_code, env, CLIENT_TIMEOUT_S))
     assert result["value_sum"] == pytest.approx(keep_ckpt.value_sum)
     tf_result = client_result(run_client(
-        tf_python, tf_hub.resolve_and_load_code(keep_handle, TF_INPUT), env, CLIENT_TIMEOUT_S))
+        tf_python, tf_hub.resolve_and_load_code([keep_handle], TF_INPUT), env, CLIENT_TIMEOUT_S))[0]
     assert tf_result["output"] == [pytest.approx(r) for r in tf_hub.expected_output(TF_INPUT)]
     assert (len(hub.request_log), len(files.requests)) == (hub_requests, file_requests)
 
@@ -181,6 +181,6 @@ def test_prune_on_a_mount_of_real_caches(
     assert len(files.log_for(repo.url_path)) == 2
     assert len(files.log_for(f"/models/{old_ckpt.file_name}")) == 2
     tf_again = client_result(run_client(
-        tf_python, tf_hub.resolve_and_load_code(old_handle, TF_INPUT), env, CLIENT_TIMEOUT_S))
+        tf_python, tf_hub.resolve_and_load_code([old_handle], TF_INPUT), env, CLIENT_TIMEOUT_S))[0]
     assert tf_again["path"] == str(tf_dir / old_module)
     assert len(files.log_for("/tf/old/1.tar.gz")) == 2

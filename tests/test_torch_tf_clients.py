@@ -282,48 +282,49 @@ TF_MODULE_FILES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("served_path", "handle_suffix"),
-    [
-        pytest.param("/tf/affine/1.tar.gz", "", id="tar.gz-url"),
-        pytest.param("/google/affine/1", "", id="tfhub.dev-style-url"),
-        pytest.param(
-            "/tf/affine/1.tar.gz", "?tf-hub-format=compressed", id="url-with-format-query"
-        ),
-    ],
-)
+# (path served, suffix of the handle): the handle forms TF Hub resolves by downloading
+TF_HANDLES = [
+    ("/tf/affine/1.tar.gz", ""),  # a .tar.gz URL
+    ("/google/affine/1", ""),  # a tfhub.dev-style URL
+    ("/tf/other/1.tar.gz", "?tf-hub-format=compressed"),  # a URL with the format query
+]
+
+
 def test_tf_hub_resolve_and_load(
     tf_python: str,
     tf_module_tarball: bytes,
     server: FileServer,
     cache_root: Path,
-    served_path: str,
-    handle_suffix: str,
 ) -> None:
-    handle = server.add(served_path, tf_module_tarball) + handle_suffix
-    code = tf_hub.resolve_and_load_code(handle, TF_INPUT)
+    """Each handle form, resolved and loaded by one TF process (TF's import takes seconds),
+    then again from the warm cache by another."""
+    handles = [server.add(path, tf_module_tarball) + suffix for path, suffix in TF_HANDLES]
+    code = tf_hub.resolve_and_load_code(handles, TF_INPUT)
 
-    result = client_result(run_client(tf_python, code, tf_env(cache_root), CLIENT_TIMEOUT_S))
+    results = client_result(run_client(tf_python, code, tf_env(cache_root), CLIENT_TIMEOUT_S))
 
     modules = cache_root / "tfhub_modules"
-    module = tf_hub.module_dir_name(handle)
-    assert result["path"] == str(modules / module)
-    assert result["files"] == TF_MODULE_FILES
+    names = [tf_hub.module_dir_name(handle) for handle in handles]
     expected = tf_hub.expected_output(TF_INPUT)
-    assert result["output"] == [pytest.approx(row) for row in expected]
-    assert result["signature"] == [pytest.approx(row) for row in expected]
-    # The lock and the temp dir are gone; the descriptor stays beside the module.
-    assert sorted(os.listdir(modules)) == [module, f"{module}.descriptor.txt"]
-    descriptor = (modules / f"{module}.descriptor.txt").read_text()
-    assert descriptor.startswith(f"Module: {handle}\n")
-    assert "variables/" in tree(modules / module)
+    for handle, module, result in zip(handles, names, results, strict=True):
+        assert result["path"] == str(modules / module)
+        assert result["files"] == TF_MODULE_FILES
+        assert result["output"] == [pytest.approx(row) for row in expected]
+        assert result["signature"] == [pytest.approx(row) for row in expected]
+        descriptor = (modules / f"{module}.descriptor.txt").read_text()
+        assert descriptor.startswith(f"Module: {handle}\n")
+        assert "variables/" in tree(modules / module)
+    # The locks and the temp dirs are gone; each descriptor stays beside its module.
+    assert sorted(os.listdir(modules)) == sorted(
+        n for module in names for n in (module, f"{module}.descriptor.txt"))
     assert_no_temp_leftovers(cache_root)
-    # One download, of the handle's path with the format query TF Hub always appends.
-    (request,) = server.log_for(served_path)
-    assert request.status == 200
-    assert request.query.endswith("tf-hub-format=compressed")
+    # One download each, of the handle's path with the format query TF Hub always appends.
+    for path, _suffix in TF_HANDLES:
+        (request,) = server.log_for(path)
+        assert request.status == 200
+        assert request.query.endswith("tf-hub-format=compressed")
 
     # Warm cache: a non-empty module dir is a hit, no request is made.
     again = client_result(run_client(tf_python, code, tf_env(cache_root), CLIENT_TIMEOUT_S))
-    assert again["path"] == result["path"]
-    assert len(server.log_for(served_path)) == 1
+    assert [r["path"] for r in again] == [r["path"] for r in results]
+    assert all(len(server.log_for(path)) == 1 for path, _suffix in TF_HANDLES)

@@ -131,21 +131,24 @@ import json, os
 import tensorflow as tf
 import tensorflow_hub as hub
 
-handle = {handle!r}
-path = hub.resolve(handle)
-module = hub.load(handle)
-x = tf.constant({x!r}, dtype=tf.float32)
-print({prefix!r} + json.dumps({{
-    "path": path,
-    "files": sorted(
-        os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
-    ),
-    "output": module(x).numpy().tolist(),
-    "signature": module.signatures["serving_default"](x=x)["output_0"].numpy().tolist(),
-}}), flush=True)
+def resolve_and_load(handle):
+    path = hub.resolve(handle)
+    module = hub.load(handle)
+    x = tf.constant({x!r}, dtype=tf.float32)
+    return {{
+        "path": path,
+        "files": sorted(
+            os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
+        ),
+        "output": module(x).numpy().tolist(),
+        "signature": module.signatures["serving_default"](x=x)["output_0"].numpy().tolist(),
+    }}
+
+print({prefix!r} + json.dumps([resolve_and_load(h) for h in {handles!r}]), flush=True)
 """
 
 
-def resolve_and_load_code(handle: str, x: list[list[float]]) -> str:
-    """``hub.resolve`` then ``hub.load`` of ``handle``; calls the module and its signature."""
-    return _LOAD_CODE.format(handle=handle, x=x, prefix=RESULT_PREFIX)
+def resolve_and_load_code(handles: list[str], x: list[list[float]]) -> str:
+    """``hub.resolve`` then ``hub.load`` of each handle, in one process (TF's import takes
+    seconds); calls each module and its signature. Emits one result per handle."""
+    return _LOAD_CODE.format(handles=handles, x=x, prefix=RESULT_PREFIX)
