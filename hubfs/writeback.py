@@ -36,6 +36,7 @@ from . import contents, namespace
 from .contents import PreparedContent
 from .errors import HubfsError, IntegrityError, StoreFullError
 from .index import Inode
+from .ingest import may_become_an_object
 from .packs import ChunkLocation
 from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Staging
 from .store import Store
@@ -378,7 +379,8 @@ class WriteBack:
                 def read(offset: int, length: int) -> bytes | memoryview:
                     return snap.read(offset, length, self._chunk_bytes)
 
-                if objects is None or not whole:
+                if (objects is None or not whole
+                        or not may_become_an_object(snap.layout.size, reuse)):
                     return self.ingestor.prepare_stream(read, snap.layout.size, reuse=reuse)
                 # The file may become its object, whose bytes must be durable before the
                 # index names it: the disk writes them while the CPU hashes them.
