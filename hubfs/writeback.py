@@ -38,7 +38,7 @@ from .errors import HubfsError, IntegrityError, StoreFullError
 from .index import Inode
 from .ingest import may_become_an_object
 from .packs import ChunkLocation
-from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Staging
+from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Spare, Staging, make_spares, remove_spares
 from .store import Store
 from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
 
@@ -51,6 +51,8 @@ DISK_RESERVE_BYTES = 8 * 1024 * 1024
 MAX_BACKGROUND_COMMITS = 256
 # A writer waits for the front ingest under way once this many steps are staged behind it.
 FRONT_BACKLOG_STEPS = 2
+# Empty files kept ready for new stagings (staging.make_spares); refilled at half.
+SPARE_FILES = 32
 
 
 class NeedsDecoding(Exception):
@@ -107,6 +109,10 @@ class WriteBack:
         self.ingestor = store.ingestor
         self.step_bytes = step_bytes
         self.staging_dir = store.path / "staging"
+        self.spare_dir = store.path / "spare"  # beside staging/, which is empty when all is stored
+        self.spare_dir.mkdir(mode=0o700, exist_ok=True)
+        self._spares: list[Spare] = []
+        self._spares_low = trio.Event()
         self._limiter = limiter
         # reads and fsyncs (a request waits for them) need not queue behind storing
         self._read_limiter = read_limiter or limiter
@@ -152,13 +158,26 @@ class WriteBack:
         pending = self._files.get(ino)
         if pending is not None:
             return pending.staging
+        if len(self._spares) <= SPARE_FILES // 2:
+            self._spares_low.set()
+        spare = self._spares.pop() if self._spares else None
         if keep and inode.size:
             staging = Staging.over(self.staging_dir, ino, inode.mtime_ns, inode.content_id,
-                                   *self._content_chunks(inode.content_id))
+                                   *self._content_chunks(inode.content_id), spare=spare)
         else:
-            staging = Staging.create(self.staging_dir, ino, inode.mtime_ns)
+            staging = Staging.create(self.staging_dir, ino, inode.mtime_ns, spare)
         self._files[ino] = Pending(staging)
         return staging
+
+    async def _keep_spares(self) -> None:
+        """Refill the spare files whenever they run low (until cancelled)."""
+        while True:
+            wanted = SPARE_FILES - len(self._spares)
+            if wanted > 0:
+                self._spares += await trio.to_thread.run_sync(make_spares, self.spare_dir,
+                                                              wanted)
+            await self._spares_low.wait()
+            self._spares_low = trio.Event()
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write into the inode's staging (``for_write`` made it)."""
@@ -312,13 +331,23 @@ class WriteBack:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Commit closed files in the background while open; at exit, store everything."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                yield
-            finally:
-                await self.flush_all()
-                self._nursery = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                spares = trio.CancelScope()
+                nursery.start_soon(self._spares_until, spares)
+                try:
+                    yield
+                finally:
+                    spares.cancel()
+                    await self.flush_all()
+                    self._nursery = None
+        finally:
+            remove_spares(self.spare_dir, self._spares)
+
+    async def _spares_until(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._keep_spares()
 
     async def closed(self, ino: int) -> None:
         """The last writer closed the file: store it in the background. The close returns at
@@ -449,6 +478,7 @@ class WriteBack:
     # -- mount-time recovery
     async def recover(self) -> None:
         """Commit the stagings a crash left behind."""
+        remove_spares(self.spare_dir, self._spares)  # a crash's spare files
         newest: dict[int, str] = {}
         for entry in sorted(os.scandir(self.staging_dir), key=lambda e: e.name):
             if entry.name.endswith((SIDECAR_SUFFIX, OLD_SIDECAR_SUFFIX)):
