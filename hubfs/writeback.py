@@ -214,6 +214,8 @@ class WriteBack:
         """A utime of a staged file: its commit must write this time, not the write's."""
         staging = self.staged(ino)
         if staging is not None:
+            if staging.kernel_written:  # its writes so far moved the mtime before this utime:
+                staging.refresh()  # taken in now, a later refresh keeps this time
             staging.mtime_ns = mtime_ns
 
     async def fsync(self, ino: int) -> None:
