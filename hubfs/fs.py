@@ -110,13 +110,13 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.enable_passthrough = fs.backing.refused is None  # read by the patched pyfuse3
-        # Killpriv v2 (patched pyfuse3): the kernel then neither asks for security.capability
-        # before each write nor for the attributes before each chown, and setuid/setgid bits
-        # and file capabilities are dropped here (Names.drop_privileges), on the WRITE
-        # requests. A kernel-written file (passthrough) sends none: the kernel's own
-        # file_remove_privs then asks for a setattr that killpriv turns into nothing, and a
-        # setuid file written by another user would keep its bit. So only without passthrough.
-        self.handle_killpriv_v2 = not self.enable_passthrough
+        # Killpriv v2 (patched pyfuse3): the kernel then asks for security.capability once per
+        # file rather than before every write (it marks the inode S_NOSEC after one look), and no
+        # longer for the attributes before each chown; setuid/setgid bits and file capabilities
+        # are dropped here (Names.drop_privileges): on WRITE requests, on truncates and chowns,
+        # and, for a file the kernel writes itself (passthrough sends no WRITE), on the empty
+        # SETATTR the kernel's own file_remove_privs sends (FileSystem.setattr).
+        self.handle_killpriv_v2 = True
 
     def init(self) -> None:
         killpriv = getattr(pyfuse3, "killpriv_v2_enabled", None)

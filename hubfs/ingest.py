@@ -113,6 +113,12 @@ class HashedChunk:
     sums: tuple[int, ...]  # of its 64 KiB blocks, raw: what an object location records
 
 
+def may_become_an_object(size: int, reuse: Reuse) -> bool:
+    """Whether ``prepare_stream`` may store a file written from nothing as its object (small
+    files and new versions of stored ones always go to packs)."""
+    return size >= OBJECT_MIN_BYTES and not reuse.ids
+
+
 class Ingestor:
     def __init__(self, index: Index, writer: PackWriter, params: ChunkerParams,
                  policy: str) -> None:
@@ -167,7 +173,7 @@ class Ingestor:
         With ``new_object`` (the bytes ``read`` reads are one file the caller can make an
         object of), a large file is stored by ``prepare_whole``."""
         reuse = reuse or Reuse()
-        if new_object is not None and size >= OBJECT_MIN_BYTES and not reuse.ids:
+        if new_object is not None and may_become_an_object(size, reuse):
             return self.prepare_whole(read, size, new_object, reuse.holes)
         if (reuse.ids and reuse.starts[-1] + reuse.lengths[-1] > reuse.first_change
                 and self._chunker().header_end(read, size) > reuse.first_change):

@@ -236,7 +236,14 @@ class FileSystem:
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       caller: Caller | None = None, kill_suidgid: bool = False) -> Attributes:
         """``kill_suidgid``: the kernel says (killpriv v2) that the caller of this truncate
-        lacks CAP_FSETID, or that this is a chown."""
+        lacks CAP_FSETID, or that this is a chown.
+
+        A SETATTR that sets nothing comes, under killpriv v2, from the kernel's
+        file_remove_privs: a write (or fallocate) found setuid/setgid bits its caller may not
+        keep, or file capabilities, and leaves dropping them to us. A write the kernel makes
+        itself (passthrough) reaches the daemon only this way. ``chown(f, -1, -1)`` sends the
+        same request, and drops as any chown does: it is taken for one when nobody has the
+        file open for writing."""
         if size is not None:
             await self.truncate(ino, size)
         if mtime_ns is not None:
@@ -244,10 +251,17 @@ class FileSystem:
         inode = self.names.set_attributes(ino, mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
                                           mtime_ns=mtime_ns)
         chown = uid is not None or gid is not None
-        if self.kills_privileges and caller is not None and (size is not None or chown):
-            self.names.drop_privileges(ino, caller, chown=chown,
-                                       capable=None if chown else not kill_suidgid)
-            inode = self.names.inode(ino)
+        removing_privileges = not kill_suidgid and all(
+            value is None for value in (mode, uid, gid, size, atime_ns, mtime_ns))
+        if self.kills_privileges and caller is not None:
+            if size is not None or chown:
+                self.names.drop_privileges(ino, caller, chown=chown,
+                                           capable=None if chown else not kill_suidgid)
+                inode = self.names.inode(ino)
+            elif removing_privileges:
+                self.names.drop_privileges(ino, caller,
+                                           chown=not self.open_files.writers(ino))
+                inode = self.names.inode(ino)
         return self._attributes(ino, inode)
 
     async def truncate(self, ino: int, size: int) -> None:

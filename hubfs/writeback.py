@@ -36,8 +36,9 @@ from . import contents, namespace
 from .contents import PreparedContent
 from .errors import HubfsError, IntegrityError, StoreFullError
 from .index import Inode
+from .ingest import may_become_an_object
 from .packs import ChunkLocation
-from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Staging
+from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Spare, Staging, make_spares, remove_spares
 from .store import Store
 from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
 
@@ -50,6 +51,11 @@ DISK_RESERVE_BYTES = 8 * 1024 * 1024
 MAX_BACKGROUND_COMMITS = 256
 # A writer waits for the front ingest under way once this many steps are staged behind it.
 FRONT_BACKLOG_STEPS = 2
+# Commits' pack syncs start at most this often: those of the interval share one (GroupSync).
+PACK_SYNC_GATHER_S = 0.1
+PACK_SYNC_GATHER_MAX_BYTES = 1024 * 1024  # only commits of files smaller than this wait
+# Empty files kept ready for new stagings (staging.make_spares); refilled at half.
+SPARE_FILES = 32
 
 
 class NeedsDecoding(Exception):
@@ -70,24 +76,33 @@ class Pending:
 class GroupSync:
     """One fsync for many waiters: each caller returns after a sync that started after it
     called, so everything it appended before is durable. Callers that arrive while a sync
-    runs share the next one (group commit)."""
+    runs share the next one (group commit). Syncs start at most every ``gather_s``: files
+    closed one after another (an untar: each commit alone, a sync done before the next close)
+    would otherwise each get a sync of their own; now those of the interval share one."""
 
-    def __init__(self, sync: Callable[[], None]) -> None:
+    def __init__(self, sync: Callable[[], None], gather_s: float = 0.0) -> None:
         self._sync = sync
+        self._gather_s = gather_s
         self._started = 0
         self._done = 0
         self._running: trio.Event | None = None
+        self._last_start = -float("inf")
 
-    async def __call__(self) -> None:
+    async def __call__(self, gather: bool = True) -> None:
+        """``gather`` False: start at once (a caller that stores files one after another,
+        unmount and recovery, would wait ``gather_s`` for each)."""
         target = self._started + 1
         while self._done < target:
             if self._running is not None:
                 await self._running.wait()
                 continue
             self._running = running = trio.Event()
-            self._started += 1
-            epoch = self._started
             try:
+                if gather:
+                    await trio.sleep_until(self._last_start + self._gather_s)  # others join
+                self._started += 1
+                epoch = self._started
+                self._last_start = trio.current_time()
                 await trio.to_thread.run_sync(self._sync)
                 self._done = epoch
             finally:
@@ -106,6 +121,10 @@ class WriteBack:
         self.ingestor = store.ingestor
         self.step_bytes = step_bytes
         self.staging_dir = store.path / "staging"
+        self.spare_dir = store.path / "spare"  # beside staging/, which is empty when all is stored
+        self.spare_dir.mkdir(mode=0o700, exist_ok=True)
+        self._spares: list[Spare] = []
+        self._spares_low = trio.Event()
         self._limiter = limiter
         # reads and fsyncs (a request waits for them) need not queue behind storing
         self._read_limiter = read_limiter or limiter
@@ -116,7 +135,7 @@ class WriteBack:
         self._background = trio.Semaphore(MAX_BACKGROUND_COMMITS)
         self._background_done = trio.Event()  # set (and renewed) as each one ends
         self._files: dict[int, Pending] = {}
-        self._sync_packs = GroupSync(store.writer.sync)
+        self._sync_packs = GroupSync(store.writer.sync, PACK_SYNC_GATHER_S)
 
     async def _thread(self, func: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
@@ -156,13 +175,26 @@ class WriteBack:
         pending = self._files.get(ino)
         if pending is not None:
             return pending.staging
+        if len(self._spares) <= SPARE_FILES // 2:
+            self._spares_low.set()
+        spare = self._spares.pop() if self._spares else None
         if keep and inode.size:
             staging = Staging.over(self.staging_dir, ino, inode.mtime_ns, inode.content_id,
-                                   *self._content_chunks(inode.content_id))
+                                   *self._content_chunks(inode.content_id), spare=spare)
         else:
-            staging = Staging.create(self.staging_dir, ino, inode.mtime_ns)
+            staging = Staging.create(self.staging_dir, ino, inode.mtime_ns, spare)
         self._files[ino] = Pending(staging)
         return staging
+
+    async def _keep_spares(self) -> None:
+        """Refill the spare files whenever they run low (until cancelled)."""
+        while True:
+            wanted = SPARE_FILES - len(self._spares)
+            if wanted > 0:
+                self._spares += await trio.to_thread.run_sync(make_spares, self.spare_dir,
+                                                              wanted)
+            await self._spares_low.wait()
+            self._spares_low = trio.Event()
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write into the inode's staging (``for_write`` made it)."""
@@ -199,6 +231,8 @@ class WriteBack:
         """A utime of a staged file: its commit must write this time, not the write's."""
         staging = self.staged(ino)
         if staging is not None:
+            if staging.kernel_written:  # its writes so far moved the mtime before this utime:
+                staging.refresh()  # taken in now, a later refresh keeps this time
             staging.mtime_ns = mtime_ns
 
     async def fsync(self, ino: int) -> None:
@@ -249,15 +283,16 @@ class WriteBack:
 
     # -- storing
     @asynccontextmanager
-    async def _prepared(self, prepare: Callable[[], T]) -> AsyncIterator[T]:
-        """Run ``prepare`` (chunk and append to packs) in a worker, sync the packs, and hold
-        gc off until the caller has put the result in the index, on this thread."""
+    async def _prepared(self, prepare: Callable[[], T], gather: bool) -> AsyncIterator[T]:
+        """Run ``prepare`` (chunk and append to packs) in a worker, sync the packs (``gather``:
+        with other commits, GroupSync), and hold gc off until the caller has put the result in
+        the index, on this thread."""
         gate = self.store.ingest_gate
         if not gate.enter_shared(wait=False):
             await trio.to_thread.run_sync(gate.enter_shared)  # a gc step runs: wait off-thread
         try:
             result = await self._thread(prepare)
-            await self._sync_packs()  # pack bytes durable before any index entry names them
+            await self._sync_packs(gather)  # pack bytes durable before an index entry names them
             yield result
         finally:
             gate.exit_shared()
@@ -292,7 +327,7 @@ class WriteBack:
                     new, _ = self.ingestor.prepare_chunks(read, size, start, False, ids, lengths)
                     return new, ids, lengths
 
-            async with self._prepared(prepare) as result:
+            async with self._prepared(prepare, gather=False) as result:
                 if result == "whole":
                     pending.keep_whole = True
                     return
@@ -316,13 +351,23 @@ class WriteBack:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Commit closed files in the background while open; at exit, store everything."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                yield
-            finally:
-                await self.flush_all()
-                self._nursery = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                spares = trio.CancelScope()
+                nursery.start_soon(self._spares_until, spares)
+                try:
+                    yield
+                finally:
+                    spares.cancel()
+                    await self.flush_all()
+                    self._nursery = None
+        finally:
+            remove_spares(self.spare_dir, self._spares)
+
+    async def _spares_until(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._keep_spares()
 
     async def closed(self, ino: int) -> None:
         """The last writer closed the file: store it in the background. The close returns at
@@ -360,11 +405,14 @@ class WriteBack:
             return
         async with pending.busy:
             while self._files.get(ino) is pending and (force or not self._writers(ino)):
-                if await self._commit_once(ino, pending):
+                # a background commit shares its pack sync; one awaited by its caller does not
+                gather = not force and self._nursery is not None
+                if await self._commit_once(ino, pending, gather):
                     return
 
-    async def _commit_once(self, ino: int, pending: Pending) -> bool:
-        """One try; False when a write changed the staging meanwhile."""
+    async def _commit_once(self, ino: int, pending: Pending, gather: bool) -> bool:
+        """One try; False when a write changed the staging meanwhile. ``gather``: share a
+        pack sync with other commits (a background commit; not at unmount or recovery)."""
         staging = pending.staging
         if staging.kernel_written:
             staging.refresh()  # what the kernel wrote (its writers are gone: it is final)
@@ -383,14 +431,17 @@ class WriteBack:
                 def read(offset: int, length: int) -> bytes | memoryview:
                     return snap.read(offset, length, self._chunk_bytes)
 
-                if objects is None or not whole:
+                if (objects is None or not whole
+                        or not may_become_an_object(snap.layout.size, reuse)):
                     return self.ingestor.prepare_stream(read, snap.layout.size, reuse=reuse)
                 # The file may become its object, whose bytes must be durable before the
                 # index names it: the disk writes them while the CPU hashes them.
                 return _fsynced_while(staging.fd, lambda: self.ingestor.prepare_stream(
                     read, snap.layout.size, reuse=reuse, new_object=objects.new_id))
 
-        async with self._prepared(prepare) as prepared:
+        # only small files wait to share a sync: a large one's sync is worth its wait alone
+        gather = gather and snap.layout.size < PACK_SYNC_GATHER_MAX_BYTES
+        async with self._prepared(prepare, gather) as prepared:
             if prepared is None:
                 return True
             if staging.generation != snap.generation:
@@ -452,6 +503,7 @@ class WriteBack:
     # -- mount-time recovery
     async def recover(self) -> None:
         """Commit the stagings a crash left behind."""
+        remove_spares(self.spare_dir, self._spares)  # a crash's spare files
         newest: dict[int, str] = {}
         for entry in sorted(os.scandir(self.staging_dir), key=lambda e: e.name):
             if entry.name.endswith((SIDECAR_SUFFIX, OLD_SIDECAR_SUFFIX)):

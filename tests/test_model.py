@@ -413,6 +413,33 @@ def test_crash_with_staged_overlay_and_front_recovers_every_byte(store_path: Pat
         run(reopened, after, step=STEP)
 
 
+def test_spare_files_serve_creates_and_leave_nothing_behind(store_path: Path) -> None:
+    """New stagings are spare files renamed into place; the spares go at unmount, and a
+    crash's spares at the next mount."""
+    async def scenario(fs: FileSystem) -> None:
+        await trio.sleep(0.2)  # the first spares are made
+        spares = {entry.inode() for entry in os.scandir(store_path / "spare")}
+        assert spares
+        reply, attrs = await fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+        staged = fs.writeback.staged(attrs.ino)
+        assert staged is not None
+        assert os.fstat(staged.fd).st_ino in spares
+        await fs.write(reply.fh, 0, b"spare")
+        await fs.release(reply.fh)
+
+    with Store(store_path) as store:
+        run(store, scenario)
+    assert os.listdir(store_path / "spare") == []
+    (store_path / "spare" / "left-by-a-crash").write_bytes(b"")
+    with Store(store_path) as store:
+        async def after(fs: FileSystem) -> None:
+            await fs.recover()
+            assert os.listdir(store_path / "spare") == []
+            assert await read_all(fs, b"f") == b"spare"
+
+        run(store, after)
+
+
 def test_concurrent_appends_across_pack_boundaries(tmp_path: Path) -> None:
     """Every location an append returns holds that record, while other threads start new
     packs (the location used to be read after the lock was released)."""

@@ -690,6 +690,32 @@ def test_utime_right_after_close_survives_remount(mounted: Mounted) -> None:
         10**18 + i for i in range(20)]
 
 
+def test_utime_while_open_for_writing_holds(tmp_path: Path, mounted: Mounted) -> None:
+    """A utime while the writer still has the file open: the kernel wrote the bytes straight
+    into the staging file (passthrough), whose mtime those writes moved; the utime's time
+    must win over it, at once and once stored (a bug: the next look at the staging file took
+    the writes' time back)."""
+
+    def scenario(root: Path) -> list[int]:
+        out = []
+        for i in range(5):
+            path = root / f"f{i}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, b"x" * 1000)
+                os.utime(path, ns=(10**18 + i, 10**18 + i))
+                out.append(os.stat(path).st_mtime_ns)
+            finally:
+                os.close(fd)
+        settle(root)
+        return out + [os.stat(root / f"f{i}").st_mtime_ns for i in range(5)]
+
+    assert on_ext4_and_mount(tmp_path, mounted, scenario)[0] == 10**18
+    remount(mounted)
+    assert [os.stat(mounted.path / f"f{i}").st_mtime_ns for i in range(5)] == [
+        10**18 + i for i in range(5)]
+
+
 # -- directories and names
 def namespace_scenario(root: Path) -> list[Any]:
     out: list[Any] = []
@@ -1194,7 +1220,8 @@ def test_setuid_setgid_and_capabilities_dropped_as_ext4_drops_them(
     capabilities go with any of these."""
     store = tmp_path / "store"
     Store.init(store)
-    # --checked-reads: no passthrough, so every write reaches the daemon and killpriv is on
+    # --checked-reads: no passthrough, so every write reaches the daemon (the kernel-written
+    # path has test_kernel_written_files_lose_privileges_as_on_ext4)
     mounted = mount_store(store, tmp_path / "mnt", "--allow-other", "--checked-reads")
     try:
         expected = on_ext4_and_mount(tmp_path, mounted, privilege_scenario)
@@ -1204,28 +1231,62 @@ def test_setuid_setgid_and_capabilities_dropped_as_ext4_drops_them(
     assert "killpriv v2: on" in mounted.log()
 
 
-def test_kernel_written_setuid_file_loses_the_bit(tmp_path: Path,
-                                                   request: pytest.FixtureRequest) -> None:
-    """A file the kernel writes straight into its staging file (passthrough) sends no WRITE:
-    the kernel's own check must still drop setuid when another user writes it."""
-
-    def scenario(root: Path) -> list[str]:
-        path = root / "f"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.fchmod(fd, 0o4777)
-        as_nobody(lambda: os.write(fd, b"by nobody"))
-        mode = oct(stat.S_IMODE(os.fstat(fd).st_mode))
-        os.close(fd)
+def kernel_written_privilege_scenario(root: Path) -> list[tuple[str, str, Any]]:
+    """setuid/setgid bits and file capabilities of new files, which the kernel writes straight
+    into their staging files (passthrough: no WRITE request), after writes by root and by
+    another user through the creator's descriptor, and after ``chown(f, -1, -1)``."""
+    cases: list[tuple[str, int, str, Callable[[int], Any]]] = [
+        ("write-user", 0o6777, "", lambda fd: as_nobody(lambda: os.write(fd, b"by nobody"))),
+        ("write-user-sgid-nox", 0o2767, "",
+         lambda fd: as_nobody(lambda: os.write(fd, b"by nobody"))),
+        ("write-user-caps", 0o0666, "caps",
+         lambda fd: as_nobody(lambda: os.write(fd, b"by nobody"))),
+        ("write-root", 0o6777, "", lambda fd: os.write(fd, b"by root")),
+        ("write-root-caps", 0o6777, "caps", lambda fd: os.write(fd, b"by root")),
+        ("fallocate-user", 0o6777, "",
+         lambda fd: as_nobody(lambda: os.posix_fallocate(fd, 0, 8192))),
+    ]
+    out: list[tuple[str, str, Any]] = []
+    for name, mode, extra, action in cases:
+        path = root / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"first")  # the kernel has looked at this file once (S_NOSEC)
+            os.fchmod(fd, mode)
+            if extra == "caps":
+                os.setxattr(fd, "security.capability", FILE_CAPS)
+            action(fd)
+            os.write(fd, b" then root")
+            during = oct(stat.S_IMODE(os.fstat(fd).st_mode))
+        finally:
+            os.close(fd)
         settle(root)
-        return [mode, oct(stat.S_IMODE(os.stat(path).st_mode)), path.read_text()]
+        out.append((name, during, oct(stat.S_IMODE(os.stat(path).st_mode)),
+                    attempt(os.getxattr, path, "security.capability"),
+                    (root / name).read_bytes()))
+    path = root / "chown-root-unchanged"
+    path.write_bytes(b"x")
+    os.chmod(path, 0o6755)
+    os.chown(path, -1, -1)  # drops setuid even for root, as any chown does
+    out.append(("chown-root-unchanged", oct(stat.S_IMODE(os.stat(path).st_mode)), None))
+    return out
 
+
+def test_kernel_written_files_lose_privileges_as_on_ext4(tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    """A file the kernel writes straight into its staging file (passthrough) sends no WRITE:
+    the kernel's own check (file_remove_privs) must still drop setuid/setgid and capabilities
+    as ext4 does, through the request it sends instead."""
     store = tmp_path / "store"
     Store.init(store)
     mounted = mount_store(store, tmp_path / "mnt", "--allow-other")
     try:
-        assert on_ext4_and_mount(tmp_path, mounted, scenario)[0] == "0o777"
+        expected = on_ext4_and_mount(tmp_path, mounted, kernel_written_privilege_scenario)
+        assert expected[0][1] == "0o777"  # ext4 did drop them
     finally:
         unmount_and_check(mounted, request)
+    assert "killpriv v2: on" in mounted.log()
+    assert "reads: kernel-served" in mounted.log()
 
 
 # -- concurrency
