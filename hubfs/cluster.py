@@ -36,13 +36,17 @@ wins per path, by hybrid timestamp, on every node alike (``namespace_log``).
 
 *Contents the node does not hold.* An applied file gets an inode with its size and content id;
 the content's chunk table is registered with the chunks at ``packs.REMOTE_PACK_ID`` (no local
-bytes), reference-counted like any other. A read that touches such chunks (``ContentReader``
-calls ``fetch``, in a worker thread) fetches them (at least ``FETCH_FIRST_BYTES``) as parallel
-``Remote.fetch_chunks`` range GETs (every chunk checked against its BLAKE3 id), appends them raw
-to a pack and re-points their index entries, then fetches up to ``FETCH_AHEAD_WINDOWS`` windows
-of ``FETCH_AHEAD_BYTES`` after them in the background for a sequential reader: the node's disk
-grows by what it read, plus at most those windows per content. That commit waits for no fsync:
-the mount's index is durable only at ``Store.sync_index``, which syncs the packs first. A file
+bytes), reference-counted like any other. Such a content is fetched in *parts*: the chunks
+that begin in each ``FETCH_PART_BYTES`` of it, each part one ``Remote.fetch_chunks`` range GET
+(every chunk checked against its BLAKE3 id), appended raw to a pack and re-pointed in one index
+transaction. A read that touches remote chunks (``ContentReader`` calls ``fetch``, in a worker
+thread) queues the parts of the ``FETCH_AHEAD_BYTES`` after it for ``FETCH_THREADS`` background
+threads, then fetches the parts it touches itself, or waits for the thread that has one in
+flight (a queued part not begun yet it takes over). So a sequential reader's GETs, appends and
+commits overlap, and it waits, if at all, for the one part it is in, not for a window of them;
+the node's disk grows by what it read, plus at most ``FETCH_AHEAD_BYTES`` per content. Those
+commits wait for no fsync: the mount's index is durable only at ``Store.sync_index``, which
+syncs the packs first. A file
 replaced by another node is a new inode here, so no page cache holds its old bytes (processes
 that hold the old one open keep reading it, as after a local rename over it). Such files are
 served by the daemon, not by the kernel from objects, until wholly fetched: then an open may
@@ -87,6 +91,7 @@ rather than marking them remote again).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import io
 import json
@@ -97,7 +102,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +137,8 @@ from .namespace_log import (
     encode_snapshot,
 )
 from .packs import remote_location
-from .remote import Remote
+from .remote import ContentTable as RemoteTable
+from .remote import FetchedChunks, Remote
 from .store import CLUSTER_META, Store
 from .upload_queue import ContentSource, UploadQueue
 
@@ -142,12 +148,11 @@ VIEW_META = "cluster_view"  # the node's view, as a snapshot object (gen = its s
 SEQ_META = "cluster_next_seq"  # decimal: the sequence number of the node's next segment
 SEALED_META = "cluster_sealed"  # a sealed segment not queued yet (a crash came between)
 UPLOADS_DIR = "uploads"
-FETCH_FIRST_BYTES = 4 << 20
-FETCH_AHEAD_BYTES = 32 << 20
-FETCH_AHEAD_WINDOWS = 2
-FETCH_PART_BYTES = 8 << 20  # a window is fetched as parallel range GETs of this size
+# A content is fetched in parts: the chunks that begin in each FETCH_PART_BYTES of it, one
+# range GET each, stored and re-pointed in one index transaction each.
+FETCH_PART_BYTES = 8 << 20
+FETCH_AHEAD_BYTES = 64 << 20
 FETCH_THREADS = 4
-FETCH_LOCKS = 64
 # A read of remote-only data fails (EIO) within about deadline + connect + read timeouts.
 MOUNT_CONNECT_TIMEOUT_S = 2.0
 MOUNT_READ_TIMEOUT_S = 5.0
@@ -489,12 +494,11 @@ class ClusterNode:
         self.queue.confirmed = self._in_remote.add
         self._lock = trio.Lock()  # one sync at a time
         self._seen_txn = -1  # the index's last transaction when the node last looked
-        # fetches of one content wait for each other (a lock per content id's hash)
-        self._fetch_locks = [threading.Lock() for _ in range(FETCH_LOCKS)]
+        # parts in flight, (content id, part) -> done; a part queued for the pool, not begun
+        # yet, is pending (a read may take it over)
+        self._parts: dict[tuple[bytes, int], Future[None]] = {}
+        self._parts_guard = threading.Lock()
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="hubfs-fetch")
-        self._ahead: dict[bytes, threading.Thread] = {}  # fetches ahead, one per content
-        self._ahead_goal: dict[bytes, int] = {}
-        self._ahead_guard = threading.Lock()
         self._closing = False
         self._outage = False
         # set by the mount: is an inode busy (written), and tell the kernel a name changed
@@ -529,12 +533,10 @@ class ClusterNode:
 
     def close(self) -> None:
         self.store.reader.fetch = None
-        with self._ahead_guard:
+        with self._parts_guard:
             self._closing = True
-            running = list(self._ahead.values())
-        for thread in running:  # they write to the store, which closes next
-            thread.join()
-        self._pool.shutdown()
+        # parts being fetched write to the store, which closes next; queued ones are dropped
+        self._pool.shutdown(cancel_futures=True)
         self.queue.close()
         self.cache.save()
 
@@ -712,91 +714,119 @@ class ClusterNode:
 
     # ---- lazy reads -----------------------------------------------------------------------
 
-    def _lock_of(self, cid: bytes) -> threading.Lock:
-        return self._fetch_locks[int.from_bytes(cid[:4], "little") % FETCH_LOCKS]
-
     def fetch(self, cid: bytes, offset: int, size: int) -> None:
         """Make the chunks a read touches local (ContentReader.fetch; a worker thread): the
-        chunks of ``FETCH_FIRST_BYTES`` from the read in the foreground, the
-        ``FETCH_AHEAD_BYTES`` after them in the background, so that a sequential reader rarely
-        waits for the network (what the background fetches is what a sequential reader reads
-        next; a random reader's disk grows by at most one window per stall)."""
-        size = max(size, FETCH_FIRST_BYTES)
-        with self._lock_of(cid):
-            try:
-                self._fetch(cid, offset, size)
-            except RemoteIntegrityError as exc:
-                log.error("%s", exc.message)
-                raise FsError(errno.EIO, exc.message) from None
-            except RemoteError as exc:
-                if not self._outage:
-                    log.error("reads of data only the cluster holds fail: %s", exc.message)
-                self._outage = True
-                raise FsError(errno.EIO, exc.message) from None
+        parts they lie in, in this thread (or waiting for the fetch that has them in flight),
+        after asking the pool for the parts of the ``FETCH_AHEAD_BYTES`` after the read, so
+        that a sequential reader rarely waits for the network and then for one part only (a
+        random reader's disk grows by at most that much per stall)."""
+        try:
+            table = self.remote.content_table(cid)
+            end = min(offset + max(size, 1), table.size)
+            if offset < end:
+                first = bisect.bisect_right(table.chunk_starts, offset) - 1
+                last = bisect.bisect_left(table.chunk_starts, end) - 1
+                parts = range(table.chunk_starts[first] // FETCH_PART_BYTES,
+                              table.chunk_starts[last] // FETCH_PART_BYTES + 1)
+                self._fetch_ahead(cid, table, parts.stop, end)
+                for part in parts:
+                    self._fetch_needed(cid, table, part)
+        except RemoteIntegrityError as exc:
+            log.error("%s", exc.message)
+            raise FsError(errno.EIO, exc.message) from None
+        except RemoteError as exc:
+            if not self._outage:
+                log.error("reads of data only the cluster holds fail: %s", exc.message)
+            self._outage = True
+            raise FsError(errno.EIO, exc.message) from None
         if self._outage:
             log.info("%s answers again: reads of remote data work", self.remote.url)
             self._outage = False
-        self._fetch_ahead(cid, offset + size)
 
-    def _fetch_ahead(self, cid: bytes, offset: int) -> None:
-        """Fetch up to ``FETCH_AHEAD_WINDOWS`` windows after ``offset`` in the background
-        (one thread per content; a later call moves its goal further)."""
-        goal = offset + FETCH_AHEAD_WINDOWS * FETCH_AHEAD_BYTES
-        with self._ahead_guard:
-            if self._closing:
-                return
-            if cid in self._ahead:
-                self._ahead_goal[cid] = max(self._ahead_goal[cid], goal)
-                return
-            self._ahead_goal[cid] = goal
-            self._ahead[cid] = threading.Thread(target=self._run_ahead, args=(cid, offset),
-                                                name="hubfs-fetch-ahead", daemon=True)
-            self._ahead[cid].start()
+    def _fetch_needed(self, cid: bytes, table: RemoteTable, part: int) -> None:
+        """Fetch a part a read waits for: here, unless a thread has it in flight already (a
+        part the pool has not begun is taken back and fetched here)."""
+        key = (cid, part)
+        with self._parts_guard:
+            running = self._parts.get(key)
+            if running is None or running.cancel():
+                running = None
+                mine: Future[None] = Future()
+                mine.set_running_or_notify_cancel()
+                self._parts[key] = mine
+        if running is not None:
+            running.result()  # its error is this read's too
+            return
+        self._run_part(cid, table, part, mine)
 
-    def _run_ahead(self, cid: bytes, pos: int) -> None:
+    def _fetch_ahead(self, cid: bytes, table: RemoteTable, first: int, end: int) -> None:
+        """Queue in the pool the parts from ``first`` that begin before ``end`` +
+        ``FETCH_AHEAD_BYTES`` and hold remote chunks, unless in flight already."""
+        stop = -(-min(end + FETCH_AHEAD_BYTES, table.size) // FETCH_PART_BYTES)
+        with self._parts_guard:
+            wanted = [p for p in range(first, stop) if (cid, p) not in self._parts]
+        if not wanted:
+            return
+        with self.store.read() as txn:
+            wanted = [p for p in wanted if _remote_chunks(txn, table, p)]
+        with self._parts_guard:
+            for part in wanted:
+                if self._closing:
+                    return
+                if (cid, part) in self._parts:
+                    continue
+                queued: Future[None] = Future()
+                self._parts[(cid, part)] = queued
+                self._pool.submit(self._run_ahead, cid, table, part, queued)
+
+    def _run_ahead(self, cid: bytes, table: RemoteTable, part: int, queued: Future[None]
+                   ) -> None:
+        if not queued.set_running_or_notify_cancel():
+            return  # a read took it over
         try:
-            while True:
-                with self._ahead_guard:
-                    if self._closing or pos >= self._ahead_goal[cid]:
-                        return
-                with self._lock_of(cid):  # per window: a reader elsewhere gets its turn
-                    if not self._fetch(cid, pos, FETCH_AHEAD_BYTES):
-                        return  # the content's end
-                pos += FETCH_AHEAD_BYTES
+            self._run_part(cid, table, part, queued)
         except (HubfsError, FsError) as exc:  # the read that needs it will say so
             log.info("fetch ahead of content %s: %s", cid.hex()[:16], exc)
-        finally:
-            with self._ahead_guard:
-                self._ahead.pop(cid, None)
-                self._ahead_goal.pop(cid, None)
+        except Exception:
+            log.exception("fetch ahead of content %s failed", cid.hex()[:16])
 
-    def _fetch(self, cid: bytes, offset: int, size: int) -> bool:
-        """Fetch the remote chunks of a range; False if it starts past the content's end."""
+    def _run_part(self, cid: bytes, table: RemoteTable, part: int, done: Future[None]) -> None:
+        try:
+            self._fetch_part(cid, table, part)
+        except BaseException as exc:
+            done.set_exception(exc)
+            raise
+        else:
+            done.set_result(None)
+        finally:
+            with self._parts_guard:
+                if self._parts.get((cid, part)) is done:
+                    del self._parts[(cid, part)]
+
+    def _fetch_part(self, cid: bytes, table: RemoteTable, part: int) -> None:
+        """Fetch the remote chunks of one part (one range GET), store them, re-point them."""
+        with self.store.read() as txn:
+            wanted = _remote_chunks(txn, table, part)
+        if not wanted:
+            return  # held already (fetched by another content's reader, say)
+        start = table.chunk_starts[wanted[0]]
+        end = table.chunk_starts[wanted[-1]] + table.chunk_lengths[wanted[-1]]
+        self._place(self.remote.fetch_chunks(cid, start, end - start))
+
+    def _place(self, got: FetchedChunks) -> None:
+        """Append fetched chunks the index still has as remote to a pack, and re-point them,
+        in one transaction."""
         writer = self.store.writer
         assert writer is not None
-        with self.store.read() as txn:
-            table = txn.content(cid)
-            if table is None:
-                raise FsError(errno.EIO, f"content {cid.hex()[:16]} is not in the index")
-            if offset >= table.size:
-                return False
-            if not any((e := txn.chunk(c)) is None or e.location.remote
-                       for c in _chunks_in(table, offset, size)):
-                return True  # held already (fetched by another thread meanwhile)
-        end = min(offset + size, table.size)
-        starts = range(offset, end, FETCH_PART_BYTES)
-        parts = list(self._pool.map(
-            lambda start: self.remote.fetch_chunks(cid, start, min(FETCH_PART_BYTES,
-                                                                   end - start)), starts))
         with self.store.ingest_gate.shared():
             placed = {}
             with self.store.read() as txn:
-                for chunk_id, data in (c for got in parts for c in got.chunks()):
+                for chunk_id, data in got.chunks():
                     entry = txn.chunk(chunk_id)
                     if entry is not None and entry.location.remote and chunk_id not in placed:
                         placed[chunk_id] = (len(data), data)
             if not placed:
-                return True
+                return
             locations = {chunk_id: writer.append(chunk_id, Codec.RAW, n, data)
                          for chunk_id, (n, data) in placed.items()}
             # No fsync here: the mount's index commits are durable only at its next
@@ -806,8 +836,8 @@ class ClusterNode:
                     entry = txn.chunk(chunk_id)
                     if entry is not None and entry.location.remote:
                         txn.put_chunk(chunk_id, ChunkEntry(loc, entry.refcount))
-        self.fetched_bytes += sum(n for n, _ in placed.values())
-        return True
+        with self._parts_guard:
+            self.fetched_bytes += sum(n for n, _ in placed.values())
 
     def in_remote(self, cid: bytes, ask: bool) -> bool | None:
         """Whether the bucket holds a content and the node may drop its own copy (hubfs.cache):
@@ -853,13 +883,10 @@ def _save_view(txn: Txn, view: View) -> None:
     txn.meta_put(VIEW_META, encode_snapshot(view.snapshot(view.snapshot_gen)))
 
 
-def _chunks_in(table: ContentTable, offset: int, size: int) -> list[bytes]:
-    out, pos = [], 0
-    end = offset + size
-    for chunk_id, length in zip(table.chunk_ids, table.lengths):
-        if pos + length > offset and pos < end:
-            out.append(chunk_id)
-        pos += length
-        if pos >= end:
-            break
-    return out
+def _remote_chunks(txn: Txn, table: RemoteTable, part: int) -> list[int]:
+    """The chunks of a part (those that begin in its ``FETCH_PART_BYTES`` of the content) the
+    index has as remote, by index in the table."""
+    lo = bisect.bisect_left(table.chunk_starts, part * FETCH_PART_BYTES)
+    hi = bisect.bisect_left(table.chunk_starts, (part + 1) * FETCH_PART_BYTES)
+    return [i for i in range(lo, hi)
+            if (e := txn.chunk(table.chunk_ids[i])) is not None and e.location.remote]

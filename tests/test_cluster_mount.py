@@ -14,16 +14,19 @@ import errno
 import hashlib
 import json
 import os
+import random
 import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hubfs import cluster, remote
 from hubfs.cluster_sync import segment_key, snapshot_key
 from hubfs.contents import EMPTY
 from hubfs.namespace_log import (
@@ -164,6 +167,49 @@ def test_changes_propagate_without_sync(nodes: tuple[Mounted, Mounted]) -> None:
         assert time.monotonic() < deadline, "not propagated in 20 s"
         time.sleep(0.5)
     assert (b.path / "hello.txt").read_text() == "hello"
+
+
+def test_readers_racing_fetches_read_right_and_fetch_each_byte_once(
+        nodes: tuple[Mounted, Mounted]) -> None:
+    """Four readers of one remote-only file, each sequential from its own offset, plus small
+    random reads: reads wait for parts other readers or the fetch-ahead have in flight, or take
+    queued ones over. Every read gets the right bytes, and no byte comes down twice."""
+    a, b = nodes
+    size = 5 * cluster.FETCH_PART_BYTES + 777_777
+    data = os.urandom(size)
+    (a.path / "big.bin").write_bytes(data)
+    sync(a)
+    sync(b)
+    down = json.loads(run_hubfs("status", str(b.path), "--json").stdout)["cluster"][
+        "remote_bytes_down"]
+    piece = 1 << 20
+    rng = random.Random(11)
+    small = [(rng.randrange(size), 4096) for _ in range(40)]
+
+    def read_from(start: int) -> list[tuple[int, int, bytes]]:
+        got = []
+        fd = os.open(b.path / "big.bin", os.O_RDONLY)
+        try:
+            for i in range(size // piece + 1):
+                offset = (start + i * piece) % size
+                got.append((offset, piece, os.pread(fd, piece, offset)))
+                if i % 8 == 0 and small:
+                    offset, n = small.pop()
+                    got.append((offset, n, os.pread(fd, n, offset)))
+        finally:
+            os.close(fd)
+        return got
+
+    with ThreadPoolExecutor(4) as pool:
+        starts = [0, size // 4 + 12345, size // 2 + 999, 3 * size // 4]
+        results = list(pool.map(read_from, starts))
+    for got in results:
+        for offset, asked, bytes_read in got:
+            assert bytes_read == data[offset:offset + asked], offset
+    status = json.loads(run_hubfs("status", str(b.path), "--json").stdout)["cluster"]
+    # the content's bytes once, plus its table (one probe GET)
+    assert size <= status["remote_bytes_down"] - down <= size + remote.TABLE_PROBE_BYTES
+    assert b.stats()["remote_only_bytes"] == 0
 
 
 @pytest.mark.allow_warnings
