@@ -714,12 +714,13 @@ class ClusterNode:
 
     # ---- lazy reads -----------------------------------------------------------------------
 
-    def fetch(self, cid: bytes, offset: int, size: int) -> None:
-        """Make the chunks a read touches local (ContentReader.fetch; a worker thread): the
+    def fetch(self, cid: bytes, offset: int, size: int, *, limit: int | None = None) -> None:
+        """Make the chunks a read touches local (``reader.Fetcher``; a worker thread): the
         parts they lie in, in this thread (or waiting for the fetch that has them in flight),
-        after asking the pool for the parts of the ``FETCH_AHEAD_BYTES`` after the read, so
-        that a sequential reader rarely waits for the network and then for one part only (a
-        random reader's disk grows by at most that much per stall)."""
+        after asking the pool for the others and for the parts of the ``FETCH_AHEAD_BYTES``
+        after the read (not past ``limit``), so that a sequential reader rarely waits for the
+        network and then for one part only (a random reader's disk grows by at most that much
+        per stall), and a range of many parts comes down in parallel."""
         try:
             table = self.remote.content_table(cid)
             end = min(offset + max(size, 1), table.size)
@@ -728,7 +729,8 @@ class ClusterNode:
                 last = bisect.bisect_left(table.chunk_starts, end) - 1
                 parts = range(table.chunk_starts[first] // FETCH_PART_BYTES,
                               table.chunk_starts[last] // FETCH_PART_BYTES + 1)
-                self._fetch_ahead(cid, table, parts.stop, end)
+                horizon = min(end + FETCH_AHEAD_BYTES, table.size if limit is None else limit)
+                self._fetch_ahead(cid, table, parts.start + 1, max(horizon, end))
                 for part in parts:
                     self._fetch_needed(cid, table, part)
         except RemoteIntegrityError as exc:
@@ -736,11 +738,13 @@ class ClusterNode:
             raise FsError(errno.EIO, exc.message) from None
         except RemoteError as exc:
             if not self._outage:
-                log.error("reads of data only the cluster holds fail: %s", exc.message)
+                log.error("cannot fetch data only the cluster holds (reads of it fail with EIO, "
+                          "in-place updates of it stay staged): %s", exc.message)
             self._outage = True
             raise FsError(errno.EIO, exc.message) from None
         if self._outage:
-            log.info("%s answers again: reads of remote data work", self.remote.url)
+            log.info("%s answers again: data only the cluster holds can be fetched",
+                     self.remote.url)
             self._outage = False
 
     def _fetch_needed(self, cid: bytes, table: RemoteTable, part: int) -> None:
@@ -759,10 +763,11 @@ class ClusterNode:
             return
         self._run_part(cid, table, part, mine)
 
-    def _fetch_ahead(self, cid: bytes, table: RemoteTable, first: int, end: int) -> None:
-        """Queue in the pool the parts from ``first`` that begin before ``end`` +
-        ``FETCH_AHEAD_BYTES`` and hold remote chunks, unless in flight already."""
-        stop = -(-min(end + FETCH_AHEAD_BYTES, table.size) // FETCH_PART_BYTES)
+    def _fetch_ahead(self, cid: bytes, table: RemoteTable, first: int, horizon: int) -> None:
+        """Queue in the pool the parts from ``first`` that hold remote chunks beginning before
+        ``horizon``, unless in flight already."""
+        last = bisect.bisect_left(table.chunk_starts, horizon) - 1
+        stop = table.chunk_starts[last] // FETCH_PART_BYTES + 1
         with self._parts_guard:
             wanted = [p for p in range(first, stop) if (cid, p) not in self._parts]
         if not wanted:
