@@ -6,7 +6,8 @@ its bytes become stored content:
 - *front ingest*: while a file grows front to back (a download), every ``step_bytes`` its
   finished front is stored and cut out of the staging file;
 - *commit*: when the last writer closes the file (or a truncate by path, or unmount), the
-  staging is stored and the inode switched to the result; only what changed is chunked again;
+  staging is stored and the inode switched to the result; only what changed is chunked again
+  (on a cluster node, after fetching the base chunks the result keeps: hubfs.cluster);
 - *recovery*: at mount, stagings a crash left behind are committed.
 
 Concurrency (the whole picture is in vfs.py): every method here runs on the mount's trio
