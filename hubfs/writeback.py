@@ -287,7 +287,7 @@ class WriteBack:
         """Make local the base chunks that bytes ``[start, end)`` of a staged file are read
         from, where only the cluster's bucket holds them: an in-place update, on a cluster
         node, of a file another node wrote (hubfs.cluster fetches them as for a read of the
-        base content, ahead up to ``limit``: None, not past each run of them). A worker
+        base content, ahead no further than ``limit``; None: than each run of them). A worker
         thread; raises ``FsError`` (EIO) when the bucket does not answer."""
         fetch = self.store.reader.fetch
         if fetch is None or not lay.base_content:
@@ -464,7 +464,8 @@ class WriteBack:
         if staging.base_content:
             # Every base byte the new version keeps must be here, read or not: its upload
             # (hubfs.cluster) sends the whole content from this node's packs. Fetched outside
-            # the ingest gate, which gc waits for; the cache keeps a staging's base chunks.
+            # the ingest gate, which gc waits for, and of the worker slots (it waits on the
+            # network); the cache keeps a staging's base chunks until the commit is done.
             lay = staging.layout()
             await trio.to_thread.run_sync(self._fetch_base, lay, 0, lay.size)
         snap = staging.snapshot()
