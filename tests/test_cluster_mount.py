@@ -5,9 +5,9 @@ What a user of the issue's main scenario sees: a tree written on node A appears 
 by about what it read, and changes flow back from B to A. A store that does not answer fails a
 read of remote-only data with EIO in bounded time while local data keeps serving. B updates in
 place a file only the bucket holds, fetching what the new version keeps, and with the bucket
-down keeps the update staged until it can be stored. A node
-offline while another compacted and pruned the log catches up from a snapshot and the later
-segments, and objects never published whole are not merged.
+down keeps the update staged until it can be stored. A node offline while another compacted
+and pruned the log catches up from a snapshot and the later segments, and objects never
+published whole are not merged.
 """
 
 from __future__ import annotations
