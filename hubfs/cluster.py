@@ -40,14 +40,14 @@ bytes), reference-counted like any other. Such a content is fetched in *parts*: 
 that begin in each ``FETCH_PART_BYTES`` of it, each part one ``Remote.fetch_chunks`` range GET
 (every chunk checked against its BLAKE3 id), appended raw to a pack and re-pointed in one index
 transaction. A read that touches remote chunks (``ContentReader`` calls ``fetch``, in a worker
-thread) queues the parts of the ``FETCH_AHEAD_BYTES`` after it for ``FETCH_THREADS`` background
-threads, then fetches the parts it touches itself, or waits for the thread that has one in
-flight (a queued part not begun yet it takes over). So a sequential reader's GETs, appends and
-commits overlap, and it waits, if at all, for the one part it is in, not for a window of them;
-the node's disk grows by what it read, plus at most ``FETCH_AHEAD_BYTES`` per content. Those
-commits wait for no fsync: the mount's index is durable only at ``Store.sync_index``, which
-syncs the packs first. A file
-replaced by another node is a new inode here, so no page cache holds its old bytes (processes
+thread) queues the parts it touches but the first, and those of the ``FETCH_AHEAD_BYTES``
+after it, for ``FETCH_THREADS`` background threads, then fetches the parts it touches itself,
+or waits for the thread that has one in flight (a queued part not begun yet it takes over).
+So a sequential reader's GETs, appends and commits overlap, and it waits, if at all, for the
+one part it is in, not for a window of them; the node's disk grows by what it read, plus at
+most ``FETCH_AHEAD_BYTES`` per content. Those commits wait for no fsync: the mount's index is
+durable only at ``Store.sync_index``, which syncs the packs first. A file replaced by another
+node is a new inode here, so no page cache holds its old bytes (processes
 that hold the old one open keep reading it, as after a local rename over it). Such files are
 served by the daemon, not by the kernel from objects, until wholly fetched: then an open may
 copy one into an object of its own (a copy on demand, hubfs.materialise), which the kernel
@@ -55,6 +55,16 @@ serves. A remote that does not answer fails the
 read with EIO within ``MOUNT_DEADLINE_S`` plus the connect and read timeouts (about 13 s), with
 one log line per outage; a damaged object fails it with EIO and an error naming the object.
 ``hubfs verify`` skips remote chunks; ``gc`` drops unreferenced ones as any other.
+
+*In-place updates of such contents* (hubfs.writeback): the staging is laid over the remote
+content as over any other. A read of the staged file that meets remote base chunks fetches
+them as above (ahead no further than the bytes the file still takes from its base); a commit
+first fetches every base chunk the new version keeps, read or not, because the bucket holds
+one object per content and the node uploads the new version whole from its packs (chunks
+written over or truncated away are not fetched, at ``FETCH_PART_BYTES`` granularity). Opens
+and writes need no fetch. A commit that cannot fetch (the bucket down) fails within the bound
+above with one more log line and keeps the staging (recovered after a crash, as any) for the
+file's next close, the unmount or the next mount (whose recovery runs once the node can fetch).
 
 *The cache* (``--cache-size``, hubfs.cache): with a limit, the store's packs and objects are
 kept under it by evicting the least recently used contents the bucket holds (known from the
@@ -82,11 +92,11 @@ be in the bucket yet; while the queue is behind, compaction waits for a later sy
 changed something rewrites the node's view (one index value, O(paths)). Fine for caches of
 thousands of files; a tree of millions wants per-operation entries and an incremental view.
 
-Missing (said here so that nobody assumes it): reads of a remote-only file's bytes by
-writeback (opening such a file for an in-place update before reading it fails with EIO; a new
-file or a rename is fine); an index snapshot taken between a fetch and the next ``sync_index``
-may name fetched chunks an OS crash then loses (``verify --repair`` from it reports those files
-rather than marking them remote again).
+Missing (said here so that nobody assumes it): an index snapshot taken between a fetch and
+the next ``sync_index`` may name fetched chunks an OS crash then loses (``verify --repair`` from
+it reports those files rather than marking them remote again); an in-place update uploads the
+new version's kept bytes again (no server-side copy from the old object), and a commit that
+failed for an outage is not retried when the bucket answers again, only at the events above.
 """
 
 from __future__ import annotations
@@ -714,12 +724,13 @@ class ClusterNode:
 
     # ---- lazy reads -----------------------------------------------------------------------
 
-    def fetch(self, cid: bytes, offset: int, size: int) -> None:
-        """Make the chunks a read touches local (ContentReader.fetch; a worker thread): the
+    def fetch(self, cid: bytes, offset: int, size: int, *, limit: int | None = None) -> None:
+        """Make the chunks a read touches local (``reader.Fetcher``; a worker thread): the
         parts they lie in, in this thread (or waiting for the fetch that has them in flight),
-        after asking the pool for the parts of the ``FETCH_AHEAD_BYTES`` after the read, so
-        that a sequential reader rarely waits for the network and then for one part only (a
-        random reader's disk grows by at most that much per stall)."""
+        after asking the pool for the others and for the parts of the ``FETCH_AHEAD_BYTES``
+        after the read (not past ``limit``), so that a sequential reader rarely waits for the
+        network and then for one part only (a random reader's disk grows by at most that much
+        per stall), and a range of many parts comes down in parallel."""
         try:
             table = self.remote.content_table(cid)
             end = min(offset + max(size, 1), table.size)
@@ -728,7 +739,8 @@ class ClusterNode:
                 last = bisect.bisect_left(table.chunk_starts, end) - 1
                 parts = range(table.chunk_starts[first] // FETCH_PART_BYTES,
                               table.chunk_starts[last] // FETCH_PART_BYTES + 1)
-                self._fetch_ahead(cid, table, parts.stop, end)
+                horizon = min(end + FETCH_AHEAD_BYTES, table.size if limit is None else limit)
+                self._fetch_ahead(cid, table, parts.start + 1, max(horizon, end))
                 for part in parts:
                     self._fetch_needed(cid, table, part)
         except RemoteIntegrityError as exc:
@@ -736,11 +748,13 @@ class ClusterNode:
             raise FsError(errno.EIO, exc.message) from None
         except RemoteError as exc:
             if not self._outage:
-                log.error("reads of data only the cluster holds fail: %s", exc.message)
+                log.error("cannot fetch data only the cluster holds (reads of it fail with EIO, "
+                          "in-place updates of it stay staged): %s", exc.message)
             self._outage = True
             raise FsError(errno.EIO, exc.message) from None
         if self._outage:
-            log.info("%s answers again: reads of remote data work", self.remote.url)
+            log.info("%s answers again: data only the cluster holds can be fetched",
+                     self.remote.url)
             self._outage = False
 
     def _fetch_needed(self, cid: bytes, table: RemoteTable, part: int) -> None:
@@ -759,10 +773,11 @@ class ClusterNode:
             return
         self._run_part(cid, table, part, mine)
 
-    def _fetch_ahead(self, cid: bytes, table: RemoteTable, first: int, end: int) -> None:
-        """Queue in the pool the parts from ``first`` that begin before ``end`` +
-        ``FETCH_AHEAD_BYTES`` and hold remote chunks, unless in flight already."""
-        stop = -(-min(end + FETCH_AHEAD_BYTES, table.size) // FETCH_PART_BYTES)
+    def _fetch_ahead(self, cid: bytes, table: RemoteTable, first: int, horizon: int) -> None:
+        """Queue in the pool the parts from ``first`` that hold remote chunks beginning before
+        ``horizon``, unless in flight already."""
+        last = bisect.bisect_left(table.chunk_starts, horizon) - 1
+        stop = table.chunk_starts[last] // FETCH_PART_BYTES + 1
         with self._parts_guard:
             wanted = [p for p in range(first, stop) if (cid, p) not in self._parts]
         if not wanted:

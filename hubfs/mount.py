@@ -185,12 +185,12 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
     try:
         fs = FileSystem(store, policy, ingest_step_bytes, checked_reads,
                         materialise_budget_bytes)
-        trio.run(fs.recover)
         try:
             node = cluster_node(store, fs, cache_bytes)
         except HubfsError as exc:
             ready(exc.message)
             return
+        trio.run(fs.recover)  # (a cluster node's fetcher is set: a staging's base may need it)
         ops = Operations(fs)
         try:
             pyfuse3.init(ops, str(mountpoint), options)

@@ -9,7 +9,8 @@ LRU, because a sequential reader asks for the same chunk many times in kernel-si
 On a cluster node, a chunk may be held only by the object store (``ChunkLocation.remote``):
 a read that touches one calls ``fetch`` (set by ``hubfs.cluster``; it stores the verified
 chunks locally) and reads again. ``read_without_decoding`` never fetches: it answers None, so
-the FUSE layer retries in a worker thread.
+the FUSE layer retries in a worker thread. ``chunk_range`` knows no content to fetch a chunk
+by: it raises ``NotLocal``, and its caller (write-back, for a staged file's base) fetches.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import bisect
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from .compression import Codec, decode
 from .errors import IntegrityError
@@ -81,14 +83,22 @@ class NotLocal(IntegrityError):
     """A read touched a chunk only the cluster's object store holds."""
 
 
+class Fetcher(Protocol):
+    """A cluster node's fetcher (``ClusterNode.fetch``): returns once the chunks of a
+    content that bytes ``[offset, offset+size)`` touch are local. Blocking (network): never
+    called on the trio thread. It may fetch ahead of the range, never past ``limit`` (None:
+    up to the content's end)."""
+
+    def __call__(self, content_id: bytes, offset: int, size: int, /, *,
+                 limit: int | None = None) -> None: ...
+
+
 class ContentReader:
     def __init__(self, index: Index, packs: PackFiles,
                  cache_bytes: int = DECODED_CACHE_BYTES) -> None:
         self.index = index
         self.packs = packs
-        # A cluster node's fetcher: (content id, offset, size) -> None, once the chunks that
-        # range touches are local. Blocking (network): never called on the trio thread.
-        self.fetch: Callable[[bytes, int, int], None] | None = None
+        self.fetch: Fetcher | None = None  # set on a cluster node
         self._decoded = _LRU(cache_bytes)
         self._tables = _LRU(TABLE_CACHE_ENTRIES)
 
@@ -191,9 +201,9 @@ class ContentReader:
 
     def chunk_range(self, chunk_id: bytes, loc: ChunkLocation, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of one chunk's raw content."""
-        if loc.remote:  # a caller that knows no content to fetch it by (writeback's base)
+        if loc.remote:  # the caller fetches it through a content that holds it
             raise NotLocal(f"chunk {chunk_id.hex()[:16]} is held by the cluster's object store "
-                           "only: read the file once before updating it in place", chunk_id)
+                           "only", chunk_id)
         if loc.codec == Codec.RAW:
             first, last = lo // CHECK_BLOCK_BYTES, -(-hi // CHECK_BLOCK_BYTES)
             data = self.packs.read_blocks(chunk_id, loc, first, last)

@@ -139,12 +139,33 @@ class Layout:
     base_lengths: tuple[int, ...]
     base_starts: tuple[int, ...]
     base_valid: int  # base bytes below this are the file's, unless an extent covers them
-    base_final: bool  # the base ends at a final chunk cut (a stored front), not at EOF
+    base_content: bytes  # the stored content the base is (an in-place update), or b""
     extents: tuple[tuple[int, int], ...]
 
     @property
     def base_len(self) -> int:
         return self.base_starts[-1] + self.base_lengths[-1] if self.base_ids else 0
+
+    @property
+    def base_final(self) -> bool:
+        """Whether the base ends at a final chunk cut (a stored front), not at an EOF."""
+        return not self.base_content
+
+    def base_chunks_in(self, start: int, end: int) -> list[int]:
+        """The base chunks (indexes) bytes ``[start, end)`` of the file are read from: those
+        below ``base_valid`` that no extent covers there."""
+        end = min(end, self.base_valid)
+        ext_starts = [s for s, _ in self.extents]
+        found = []
+        i = max(0, bisect.bisect_right(self.base_starts, start) - 1)
+        while i < len(self.base_ids) and self.base_starts[i] < end:
+            lo = max(start, self.base_starts[i])
+            hi = min(end, self.base_starts[i] + self.base_lengths[i])
+            j = bisect.bisect_right(ext_starts, lo) - 1  # extents are merged: one covers or none
+            if lo < hi and not (j >= 0 and self.extents[j][1] >= hi):
+                found.append(i)
+            i += 1
+        return found
 
 
 class Snapshot:
@@ -359,7 +380,7 @@ class Staging:
 
     def layout(self) -> Layout:
         return Layout(self.size, tuple(self.base_ids), tuple(self.base_lengths),
-                      tuple(self.base_starts), self.base_valid, not self.base_content,
+                      tuple(self.base_starts), self.base_valid, self.base_content,
                       self.extents.pairs())
 
     def snapshot(self) -> Snapshot:

@@ -6,7 +6,8 @@ its bytes become stored content:
 - *front ingest*: while a file grows front to back (a download), every ``step_bytes`` its
   finished front is stored and cut out of the staging file;
 - *commit*: when the last writer closes the file (or a truncate by path, or unmount), the
-  staging is stored and the inode switched to the result; only what changed is chunked again;
+  staging is stored and the inode switched to the result; only what changed is chunked again
+  (on a cluster node, after fetching the base chunks the result keeps: hubfs.cluster);
 - *recovery*: at mount, stagings a crash left behind are committed.
 
 Concurrency (the whole picture is in vfs.py): every method here runs on the mount's trio
@@ -34,11 +35,20 @@ import trio
 
 from . import contents, namespace
 from .contents import PreparedContent
-from .errors import HubfsError, IntegrityError, StoreFullError
+from .errors import FsError, HubfsError, IntegrityError, StoreFullError
 from .index import Inode
 from .ingest import may_become_an_object
 from .packs import ChunkLocation
-from .staging import OLD_SIDECAR_SUFFIX, SIDECAR_SUFFIX, Spare, Staging, make_spares, remove_spares
+from .reader import NotLocal
+from .staging import (
+    OLD_SIDECAR_SUFFIX,
+    SIDECAR_SUFFIX,
+    Layout,
+    Spare,
+    Staging,
+    make_spares,
+    remove_spares,
+)
 from .store import Store
 from .tensor_layout import HEADER_PROBE_BYTES, header_incomplete
 
@@ -255,14 +265,47 @@ class WriteBack:
         return staging.read(offset, size, self._quick_chunk_bytes)
 
     async def read_decoding(self, staging: Staging, offset: int, size: int) -> bytes | None:
-        """Read in a worker thread; None when the staging was stored and dropped meanwhile."""
+        """Read in a worker thread, fetching base chunks only the cluster's bucket holds; None
+        when the staging was stored and dropped meanwhile."""
         snap = staging.snapshot()
 
         def read() -> bytes | None:
             with staging.in_use() as alive:
-                return bytes(snap.read(offset, size, self._chunk_bytes)) if alive else None
+                if not alive:
+                    return None
+                try:
+                    return bytes(snap.read(offset, size, self._chunk_bytes))
+                except NotLocal:
+                    # ahead as for any reader, but not into base bytes the file no longer has
+                    self._fetch_base(snap.layout, offset, offset + size,
+                                     limit=snap.layout.base_valid)
+                    return bytes(snap.read(offset, size, self._chunk_bytes))
 
         return await trio.to_thread.run_sync(read, limiter=self._read_limiter)
+
+    def _fetch_base(self, lay: Layout, start: int, end: int, limit: int | None = None) -> None:
+        """Make local the base chunks that bytes ``[start, end)`` of a staged file are read
+        from, where only the cluster's bucket holds them: an in-place update, on a cluster
+        node, of a file another node wrote (hubfs.cluster fetches them as for a read of the
+        base content, ahead no further than ``limit``; None: than each run of them). A worker
+        thread; raises ``FsError`` (EIO) when the bucket does not answer."""
+        fetch = self.store.reader.fetch
+        if fetch is None or not lay.base_content:
+            return  # a stored front is this node's own: always local
+        with self.store.read() as txn:
+            remote = [i for i in lay.base_chunks_in(start, end)
+                      if (e := txn.chunk(lay.base_ids[i])) is not None and e.location.remote]
+        runs: list[list[int]] = []
+        for i in remote:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        for first, stop in runs:
+            run_start = lay.base_starts[first]
+            run_end = lay.base_starts[stop - 1] + lay.base_lengths[stop - 1]
+            fetch(lay.base_content, run_start, run_end - run_start,
+                  limit=run_end if limit is None else limit)
 
     def _location(self, chunk_id: bytes) -> ChunkLocation:
         with self.store.read() as txn:
@@ -418,6 +461,13 @@ class WriteBack:
             staging.refresh()  # what the kernel wrote (its writers are gone: it is final)
         if not staging.whole:  # (a whole one may become its object: that needs no room)
             _check_room(self.store.path, staging)  # fail before appending what cannot fit
+        if staging.base_content:
+            # Every base byte the new version keeps must be here, read or not: its upload
+            # (hubfs.cluster) sends the whole content from this node's packs. Fetched outside
+            # the ingest gate, which gc waits for, and of the worker slots (it waits on the
+            # network); the cache keeps a staging's base chunks until the commit is done.
+            lay = staging.layout()
+            await trio.to_thread.run_sync(self._fetch_base, lay, 0, lay.size)
         snap = staging.snapshot()
         reuse = snap.reuse()
         objects = self.store.objects
@@ -524,9 +574,9 @@ class WriteBack:
             self._files[ino] = Pending(staging)
             try:
                 await self.commit(ino, force=True)
-            except StoreFullError as exc:
+            except (StoreFullError, FsError) as exc:  # a full disk; a bucket that is down
                 log.error("inode %d keeps its %d bytes in staging, not stored yet: %s", ino,
-                          staging.size, exc.message)
+                          staging.size, _message(exc))
                 continue
             log.warning("recovered %d bytes written to inode %d before the last crash",
                         staging.size, ino)
@@ -566,10 +616,14 @@ async def _reporting(work: Awaitable[None], what: str) -> None:
     when a user can cause it (a full disk), with a traceback when it is a bug."""
     try:
         await work
-    except HubfsError as exc:
-        log.error("%s (%s)", what, exc.message)
+    except (HubfsError, FsError) as exc:  # FsError: EIO from a cluster's bucket that is down
+        log.error("%s (%s)", what, _message(exc))
     except Exception:
         log.exception("%s", what)
+
+
+def _message(exc: HubfsError | FsError) -> str:
+    return exc.message if isinstance(exc, HubfsError) else str(exc)
 
 
 def _fsynced_while(fd: int, work: Callable[[], T]) -> T:

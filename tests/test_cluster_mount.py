@@ -3,9 +3,11 @@
 What a user of the issue's main scenario sees: a tree written on node A appears on node B after
 ``hubfs sync`` on both, B reads identical bytes (fetched lazily from the bucket), B's store grows
 by about what it read, and changes flow back from B to A. A store that does not answer fails a
-read of remote-only data with EIO in bounded time while local data keeps serving. A node
-offline while another compacted and pruned the log catches up from a snapshot and the later
-segments, and objects never published whole are not merged.
+read of remote-only data with EIO in bounded time while local data keeps serving. B updates in
+place a file only the bucket holds, fetching what the new version keeps, and with the bucket
+down keeps the update staged until it can be stored. A node offline while another compacted
+and pruned the log catches up from a snapshot and the later segments, and objects never
+published whole are not merged.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ def test_remote_down_local_reads_work_remote_reads_fail_bounded(
         seaweed.resume()
     assert (b.path / "models/m1/blob.bin").read_bytes() == big
     log = b.log()
-    assert sum("reads of data only the cluster holds fail" in line
+    assert sum("cannot fetch data only the cluster holds" in line
                for line in log.splitlines()) == 1
     assert "hubfs-test-secret" not in log
 
@@ -334,11 +336,7 @@ def test_node_killed_with_uploads_queued_resumes_them(nodes: tuple[Mounted, Moun
                 break
             assert time.monotonic() < deadline, st
             time.sleep(0.5)
-        pid = int((a.store / "lock").read_text())
-        os.kill(pid, 9)
-        subprocess.run(["fusermount3", "-uz", str(a.path)], check=True)
-        while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
-            time.sleep(0.05)
+        _kill(a)
     finally:
         seaweed.resume()
     mount_store(a.store, a.path)
@@ -346,6 +344,15 @@ def test_node_killed_with_uploads_queued_resumes_them(nodes: tuple[Mounted, Moun
     sync(a)
     sync(b)
     assert (b.path / "late.bin").read_bytes() == data
+
+
+def _kill(node: Mounted) -> None:
+    """kill -9 of a node's daemon, as a crash; its mount point is detached."""
+    pid = int((node.store / "lock").read_text())
+    os.kill(pid, 9)
+    subprocess.run(["fusermount3", "-uz", str(node.path)], check=True)
+    while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+        time.sleep(0.05)
 
 
 def _proc_state(pid: int) -> str:
@@ -590,3 +597,111 @@ def test_a_bad_compaction_setting_fails_the_mount_in_one_line(
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and f"HUBFS_COMPACT_AFTER_SEGMENTS='{value}'" in \
         done.stderr and "whole number" in done.stderr, done.stderr
+
+
+# ---- in-place updates of files another node wrote --------------------------------------------
+
+
+def test_in_place_update_of_a_remote_only_file(nodes: tuple[Mounted, Mounted],
+                                               request: pytest.FixtureRequest) -> None:
+    """B updates in place a file only the bucket holds (A wrote it): writes in two places, a
+    truncate to less than a third of it, a write across that new end, a truncate that extends
+    it again (a hole), an append. Reads before the close (of an unchanged range and of the
+    changes) and after the commit, after B's remount, and on A after a sync see the new bytes;
+    B fetched the bytes the new version keeps (its upload needs them), not the cut tail."""
+    a, b = nodes
+    part = cluster.FETCH_PART_BYTES
+    old = os.urandom(3 * part + 1234567)
+    (a.path / "f.bin").write_bytes(old)
+    sync(a)
+    sync(b)
+    new = bytearray(old)
+    cut = part + part // 8  # 9 MiB: the third and fourth parts are never needed
+    fd = os.open(b.path / "f.bin", os.O_RDWR)
+    try:
+
+        def write(offset: int, data: bytes) -> None:
+            assert os.pwrite(fd, data, offset) == len(data)
+            new.extend(bytes(max(0, offset + len(data) - len(new))))
+            new[offset:offset + len(data)] = data
+
+        def truncate(size: int) -> None:
+            os.ftruncate(fd, size)
+            del new[size:]
+            new.extend(bytes(size - len(new)))
+
+        write(1000, os.urandom(4096))
+        write(5 * 1024 * 1024 + 7, os.urandom(65536))
+        truncate(cut)
+        write(cut - 10, os.urandom(30))  # across the end: the file grows by 20 bytes
+        # an unchanged range of the second part, with the write across the end
+        assert os.pread(fd, part // 16 + 20, cut - part // 16) == new[cut - part // 16:]
+        truncate(cut + 3 * 1024 * 1024)
+        write(len(new), os.urandom(100_000))  # an append after the hole
+        assert os.pread(fd, 200_000, cut) == new[cut:cut + 200_000]
+        assert os.fstat(fd).st_size == len(new)
+    finally:
+        os.close(fd)
+    assert (b.path / "f.bin").read_bytes() == new  # (committing, or committed)
+    _settled(b)
+    cluster_status = json.loads(run_hubfs("status", str(b.path), "--json").stdout)["cluster"]
+    # the first two parts (the new version keeps bytes of both), not the cut tail
+    assert cut <= cluster_status["fetched_bytes"] <= 2 * part + 4 * 1024 * 1024, cluster_status
+    unmount_and_check(b, request)
+    mount_store(b.store, b.path)
+    assert (b.path / "f.bin").read_bytes() == new
+    sync(b)
+    sync(a)
+    assert (a.path / "f.bin").read_bytes() == new
+    assert a.stats()["remote_only_bytes"] == 0 and b.stats()["remote_only_bytes"] == 0
+
+
+@pytest.mark.allow_warnings  # exactly the expected ones: checked below
+def test_in_place_update_with_the_bucket_down_is_stored_once_it_answers(
+        nodes: tuple[Mounted, Mounted], seaweed: Seaweed) -> None:
+    """The bucket hangs while B updates a remote-only file in place: the open, the write, the
+    fsync and the close succeed (the bytes are in B's staging, durable), and the commit, which
+    cannot fetch the bytes the new version keeps, gives up within the bound, keeps the staging
+    and says so. With the bucket back, B crashes: the mount's recovery fetches what it needs
+    and stores the update, and A sees it."""
+    a, b = nodes
+    old = os.urandom(BIG_BYTES)
+    (a.path / "f.bin").write_bytes(old)
+    sync(a)
+    sync(b)
+    patch = os.urandom(5000)
+    new = old[:12345] + patch + old[12345 + len(patch):]
+    seaweed.pause()
+    try:
+        start = time.monotonic()
+        fd = os.open(b.path / "f.bin", os.O_RDWR)
+        try:
+            assert os.pwrite(fd, patch, 12345) == len(patch)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        while "is not stored yet" not in b.log():
+            assert time.monotonic() - start < EIO_BOUND_S, "the commit did not give up"
+            time.sleep(0.2)
+        assert json.loads(run_hubfs("status", str(b.path), "--json").stdout)["staged_files"] == 1
+    finally:
+        seaweed.resume()
+    _kill(b)
+    mount_store(b.store, b.path)
+    assert f"recovered {BIG_BYTES} bytes written to inode" in b.log()
+    assert (b.path / "f.bin").read_bytes() == new
+    sync(b)
+    sync(a)
+    assert (a.path / "f.bin").read_bytes() == new
+    errors = [line for line in b.log().splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 2, errors
+    assert "cannot fetch data only the cluster holds" in errors[0], errors
+    assert "is not stored yet; it stays in staging" in errors[1], errors
+
+
+def _settled(node: Mounted, timeout_s: float = 20.0) -> None:
+    """Wait until the node has no staged files (their commits are done)."""
+    deadline = time.monotonic() + timeout_s
+    while json.loads(run_hubfs("status", str(node.path), "--json").stdout)["staged_files"]:
+        assert time.monotonic() < deadline, "still staged"
+        time.sleep(0.1)

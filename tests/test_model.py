@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from hubfs.compression import Codec
-from hubfs.index import ROOT_INO
-from hubfs.packs import PackFiles, PackWriter
+from hubfs.index import ROOT_INO, ChunkEntry
+from hubfs.packs import PackFiles, PackWriter, remote_location
 from hubfs.staging import INGEST_STEP_BYTES, Snapshot
 from hubfs.store import Store
 from hubfs.vfs import FileSystem
@@ -364,6 +364,84 @@ def test_in_place_updates_at_random_keep_every_byte(store: Store) -> None:
             await fs.release(fh)
             await fs.writeback.settle()
             assert await read_all(fs, b"f") == bytes(data)
+
+    run(store, scenario)
+
+
+def test_in_place_update_over_remote_chunks_fetches_what_the_new_version_keeps(
+        store: Store) -> None:
+    """On a cluster node a file's chunks may be held by the bucket only (hubfs.cluster marks
+    them remote and sets the reader's fetcher). An in-place update asks the fetcher for the
+    base chunks a read of unchanged bytes needs, and at commit for those the new version keeps
+    (its upload sends it whole from this node), never for chunks written over or cut off."""
+    data = bytearray(payload(24 * MIB, 14))
+    cut = 10 * MIB
+    asked: list[tuple[int, int, int | None]] = []
+
+    async def scenario(fs: FileSystem) -> None:
+        _, ino = await write_file(fs, b"f", bytes(data), piece=4 * MIB)
+        await fs.writeback.settle()
+        with store.read() as txn:
+            inode = txn.inode(ino)
+            assert inode is not None
+            cid = inode.content_id
+            table = txn.content(cid)
+        assert table is not None
+        starts = [sum(table.lengths[:i]) for i in range(len(table.lengths))]
+        held = {}
+        with store.metadata_write() as txn:  # what the cache does when it evicts the content
+            for chunk_id in table.chunk_ids:
+                entry = txn.chunk(chunk_id)
+                assert entry is not None
+                held[chunk_id] = entry.location
+                txn.put_chunk(chunk_id, ChunkEntry(remote_location(entry.location.raw_len),
+                                                   entry.refcount))
+        store.reader.forget_tables()
+
+        def fetch(content_id: bytes, offset: int, size: int, /, *,
+                  limit: int | None = None) -> None:  # ClusterNode.fetch, from the packs
+            assert content_id == cid
+            asked.append((offset, size, limit))
+            with store.metadata_write() as txn:
+                for chunk_id, start, length in zip(table.chunk_ids, starts, table.lengths,
+                                                   strict=True):
+                    entry = txn.chunk(chunk_id)
+                    assert entry is not None
+                    if start < offset + size and start + length > offset and \
+                            entry.location.remote:
+                        txn.put_chunk(chunk_id, ChunkEntry(held[chunk_id], entry.refcount))
+
+        store.reader.fetch = fetch
+        try:
+            fh = (await fs.open(ino, os.O_RDWR)).fh
+            over = payload(3 * MIB, 15)
+            await fs.write(fh, 4 * MIB, over)  # writes over the chunks inside it
+            data[4 * MIB : 7 * MIB] = over
+            await fs.setattr(ino, size=cut)
+            del data[cut:]
+            assert not asked  # opens, writes and truncates fetch nothing
+            assert await fs.read(fh, 9 * MIB, MIB // 2) == data[9 * MIB : 9 * MIB + MIB // 2]
+            assert asked and all(limit == cut for _, _, limit in asked)  # ahead: no further
+            read_asks = len(asked)
+            await fs.write(fh, cut, b"appended")
+            data.extend(b"appended")
+            await fs.release(fh)
+            await fs.writeback.settle()
+            assert all(limit == offset + size for offset, size, limit in asked[read_asks:])
+        finally:
+            store.reader.fetch = None
+        assert await read_all(fs, b"f") == bytes(data)
+        with store.read() as txn:
+            inode = txn.inode(ino)
+            assert inode is not None
+            new = txn.content(inode.content_id)
+            assert new is not None
+            assert not any(txn.chunk(c).location.remote for c in new.chunk_ids)  # type: ignore[union-attr]
+            still_remote = {i for i, c in enumerate(table.chunk_ids)
+                            if txn.chunk(c).location.remote}  # type: ignore[union-attr]
+        untouched = {i for i, (start, length) in enumerate(zip(starts, table.lengths))
+                     if start >= cut or (start >= 4 * MIB and start + length <= 7 * MIB)}
+        assert untouched and still_remote == untouched
 
     run(store, scenario)
 
