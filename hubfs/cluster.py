@@ -111,7 +111,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,11 +308,16 @@ def _entry_of(path: str, inode: Inode, clock: HybridClock) -> Entry:
                  inode.target.decode() if kind is Kind.SYMLINK else None)
 
 
-def local_changes(local: dict[str, Local], base: dict[str, Entry], clock: HybridClock
-                  ) -> list[Entry]:
-    """The node's own changes: where its namespace differs from the tree it last agreed on."""
+def local_changes(local: dict[str, Local], base: dict[str, Entry], clock: HybridClock,
+                  staged: Callable[[int], bool] = lambda ino: False) -> list[Entry]:
+    """The node's own changes: where its namespace differs from the tree it last agreed on.
+    A path whose file is ``staged`` (written, or closed with its commit still running) is left
+    as it was: its inode still names the content it had before the writes (a new file: none),
+    which is not what it holds; it is published by the first sync after its commit."""
     out = []
     for path, item in sorted(local.items()):
+        if staged(item.ino):
+            continue
         if _local_sig(item.inode) != _entry_sig(base.get(path)):
             try:
                 out.append(_entry_of(path, item.inode, clock))
@@ -511,8 +516,10 @@ class ClusterNode:
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="hubfs-fetch")
         self._closing = False
         self._outage = False
-        # set by the mount: is an inode busy (written), and tell the kernel a name changed
+        # set by the mount: is an inode busy (staged: written, or its commit running), wait
+        # for the commits of closed files, tell the kernel a name changed
         self.busy: Callable[[int], bool] = lambda ino: False
+        self.settle: Callable[[], Awaitable[None]] = _nothing_to_settle
         self.invalidate: Callable[[int, bytes], None] = lambda parent, name: None
         self.unlinked: Callable[[int], None] = lambda ino: None
         self._load()
@@ -568,7 +575,9 @@ class ClusterNode:
 
     async def sync_now(self, progress: Callable[[int, int], None]) -> dict[str, Any]:
         """``hubfs sync``: publish the node's changes, wait until they are in the bucket,
-        then pull the other nodes' changes."""
+        then pull the other nodes' changes. Files closed before it are published: it waits
+        for their commits (files still open for writing are published after their close)."""
+        await self.settle()
         first = await self.sync_once()
         self.queue.kick()
         drained = await trio.to_thread.run_sync(self.queue.wait_empty, SYNC_UPLOAD_WAIT_S)
@@ -634,7 +643,7 @@ class ClusterNode:
             return 0
         with self.store.read() as txn:
             local = walk(txn)
-        own = local_changes(local, self.view.tree(), self.log.clock)
+        own = local_changes(local, self.view.tree(), self.log.clock, self.busy)
         if not own:
             self._seen_txn = seen
             return 0
@@ -892,6 +901,10 @@ class ClusterNode:
             "remote_requests": st.requests,
             **self.cache.status(),
         }
+
+
+async def _nothing_to_settle() -> None:
+    """A node without a mount (tests of the engine) has no commits to wait for."""
 
 
 def _save_view(txn: Txn, view: View) -> None:

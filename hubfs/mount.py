@@ -260,6 +260,7 @@ def cluster_node(store: Store, fs: FileSystem, cache_bytes: int | None = None
     node.cache.reads = lambda: (fs.content_read_bytes, node.fetched_bytes)
     fs.content_used = node.cache.used
     node.busy = lambda ino: fs.writeback.busy(ino) or fs.writeback.staged(ino) is not None
+    node.settle = fs.writeback.settle
     node.unlinked = fs._remove_if_unused  # a name another node removed: as an unlink does
     node.invalidate = _invalidate_entry
     node.start()

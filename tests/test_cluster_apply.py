@@ -65,6 +65,28 @@ def test_own_changes_are_found_and_nothing_twice(store: Store) -> None:
         ("m/snap2", True), ("m/snap2/link", True), ("m/snap2/empty", True)}
 
 
+def test_a_staged_file_is_published_after_its_commit_not_before(store: Store) -> None:
+    """A file renamed into place while its commit runs still names its old content (a new
+    file: none): publishing that would send other nodes an empty ``refs/main``."""
+    clock = HybridClock("b")
+    uid, gid = uid_gid()
+    with store.write() as txn:
+        refs = namespace.make_dirs(txn, "refs", uid, gid)
+        old = namespace.create(txn, refs, b"main", stat.S_IFREG | 0o644, uid, gid)
+    view = View()
+    view.merge_all(local_changes(local(store), {}, clock))
+    with store.write() as txn:  # main.tmp written (staged), renamed over main
+        new = namespace.create(txn, refs, b"main.tmp", stat.S_IFREG | 0o644, uid, gid,
+                               times_ns=(5_000, 5_000))
+        namespace.rename(txn, refs, b"main.tmp", refs, b"main")
+    staged = {new}
+    assert old != new
+    assert local_changes(local(store), view.tree(), clock, staged.__contains__) == []
+    staged.clear()  # committed
+    (change,) = local_changes(local(store), view.tree(), clock, staged.__contains__)
+    assert change.path == "refs/main" and change.live
+
+
 def test_remote_tree_is_applied_with_remote_only_contents(store: Store) -> None:
     data = os.urandom(20_000)
     entry, table = remote_file("m/blob", data, 1000)
