@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import MIB, Measurement, machine_facts, make_weights, write_result
 from hubfs.benchmark import (
     RANDOM_READ_BYTES,
+    cache_alike,
     drop_caches,
     load_safetensors,
     measure_pair,
@@ -55,14 +57,15 @@ TARGETS = {
 def measure(name: str, nbytes: int, fn: Callable[[Path], object], native: Path, mounted: Path,
             repeats: int, cold: bool, store: Path) -> tuple[Measurement, Measurement]:
     """Native and hubfs runs alternate (``hubfs.benchmark.measure_pair``), each after a dropped
-    or warmed page cache."""
+    or warmed page cache; hot runs start from both files read in alike (``cache_alike``)."""
     def prepare(label: str) -> None:
         if cold:
             drop_caches((native, store))
         else:
             warm(native if label == "native" else mounted)
 
-    return measure_pair(name, nbytes, fn, [(native, mounted)], repeats, prepare)
+    begin = None if cold else partial(cache_alike, (native, mounted), (store,))
+    return measure_pair(name, nbytes, fn, [(native, mounted)], repeats, prepare, begin=begin)
 
 
 def hubfs_cli(*args: str) -> None:
