@@ -57,7 +57,10 @@ from hubfs.packs import (
 )
 from hubfs.tensor_layout import DTYPE_WIDTH, HEADER_LEN, MAX_HEADER_BYTES, parse_layout
 
-CALL_BUDGET_S = 1.0
+# A hang guard, not a speed target (work is bounded by counting reads, below): the slowest
+# call, a scan through 256 KiB of record-magic lookalikes, takes 0.2-0.8 s on this machine
+# and was seen at 1.2 s on a loaded one.
+CALL_BUDGET_S = 10.0
 FUZZ = settings(max_examples=400, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # The largest header a record can legally have.

@@ -351,6 +351,10 @@ def test_copies_on_demand_stay_within_their_budget(tmp_path: Path,
             with open(mounted.path / "tuned-b.bin", "rb") as b:  # no room while a is open
                 assert b.read() == variants["tuned-b.bin"]
                 assert status(mounted)["kernel_served_files"] == 1
+        # close(2) returns before the kernel sends the RELEASE: wait until the daemon had it
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while status(mounted)["kernel_served_files"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         with open(mounted.path / "tuned-b.bin", "rb") as b:  # a is closed: b takes its room
             assert b.read() == variants["tuned-b.bin"]
             assert status(mounted)["kernel_served_files"] == 1
