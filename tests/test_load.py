@@ -46,7 +46,7 @@ from tests.conftest import Mounted, mount_store, unmount_and_check
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
-DURATION_S = 30.0
+DURATION_S = 20.0
 WRITERS = 2
 READERS = 2
 RSS_SAMPLE_S = 0.5

@@ -224,7 +224,7 @@ def test_close_rename_open_read_never_sees_a_partial_file(
     mounted = mount_store(store, tmp_path / "mnt", "--ingest-step-mib", str(STEP_MIB),
                           *(["--checked-reads"] if writes == "daemon" else []))
     try:
-        seconds = float(os.environ.get("HUBFS_STRESS_S", "20"))
+        seconds = float(os.environ.get("HUBFS_STRESS_S", "15"))
         writers = int(os.environ.get("HUBFS_STRESS_WRITERS", "4"))
         result = run_stress(mounted.path, seconds, writers, max_iterations=1500)
     finally:
