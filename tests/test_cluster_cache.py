@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from hubfs import control
-from tests.conftest import Mounted, mount_store, run_hubfs, unmount_and_check
+from tests.conftest import Mounted, run_hubfs
 from tests.seaweed import Seaweed
-from tests.test_cluster_mount import sync
+from tests.test_cluster_mount import sync, two_nodes
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
@@ -34,23 +34,8 @@ NAMES = ("f1.bin", "f2.bin", "f3.bin")
 def nodes(tmp_path: Path, remote_url: str, request: pytest.FixtureRequest
           ) -> Iterator[tuple[Mounted, Mounted]]:
     """A plain node A and a node B whose cache holds two of the test's files, not three."""
-    mounted = []
-    try:
-        for name in ("a", "b"):
-            store = tmp_path / f"store-{name}"
-            run_hubfs("init", str(store), "--remote", remote_url, "--node", name)
-            extra = ("--cache-size", LIMIT) if name == "b" else ()
-            mounted.append(mount_store(store, tmp_path / f"mnt-{name}", *extra))
-        yield mounted[0], mounted[1]
-    finally:
-        failures: list[BaseException] = []
-        for m in mounted:
-            try:
-                unmount_and_check(m, request)
-            except (AssertionError, pytest.fail.Exception) as exc:
-                failures.append(exc)
-        if failures:
-            raise failures[0]
+    with two_nodes(tmp_path, remote_url, request, ("--cache-size", LIMIT)) as pair:
+        yield pair
 
 
 def disk_use(node: Mounted) -> int:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,23 @@ EIO_BOUND_S = 30.0
 @pytest.fixture
 def nodes(tmp_path: Path, remote_url: str, request: pytest.FixtureRequest
           ) -> Iterator[tuple[Mounted, Mounted]]:
+    with two_nodes(tmp_path, remote_url, request) as pair:
+        yield pair
+
+
+@contextmanager
+def two_nodes(tmp_path: Path, remote_url: str, request: pytest.FixtureRequest,
+              b_options: tuple[str, ...] = ()) -> Iterator[tuple[Mounted, Mounted]]:
+    """Nodes a and b of the cluster store at ``remote_url``, mounted (b with ``b_options``),
+    and unmounted and checked after."""
     mounted = []
     try:
         for name in ("a", "b"):
             store = tmp_path / f"store-{name}"
             out = run_hubfs("init", str(store), "--remote", remote_url, "--node", name)
             assert f"node {name}" in out.stdout
-            mounted.append(mount_store(store, tmp_path / f"mnt-{name}"))
+            extra = b_options if name == "b" else ()
+            mounted.append(mount_store(store, tmp_path / f"mnt-{name}", *extra))
         yield mounted[0], mounted[1]
     finally:
         failures: list[BaseException] = []
