@@ -187,6 +187,24 @@ def hubfs_cli(*args: str, timeout_s: float = 900.0) -> subprocess.CompletedProce
                           text=True, check=False, timeout=timeout_s)
 
 
+def mount_status(mountpoint: Path) -> dict[str, Any]:
+    """``hubfs status MNT --json``."""
+    return json.loads(hubfs_cli("status", str(mountpoint), "--json").stdout)
+
+
+def copied_on_demand(mountpoint: Path, path: Path) -> float:
+    """Seconds from the second read-only open of ``path`` (an open and close each) until the
+    copy on demand that open starts is done (hubfs.materialise: a content stored as chunk
+    references is copied into an object at its second open, in the background), so that no
+    read measured after it contains the copy."""
+    for _ in range(2):
+        start = time.perf_counter()
+        os.close(os.open(path, os.O_RDONLY))
+    while mount_status(mountpoint)["copies_under_way"]:
+        time.sleep(0.01)
+    return time.perf_counter() - start
+
+
 def syncfs(path: Path) -> None:
     """``syncfs(2)`` on the filesystem holding ``path``: flushes that filesystem only, where
     ``os.sync`` would also flush every other job's dirty pages on a shared machine."""

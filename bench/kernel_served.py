@@ -4,8 +4,9 @@ In one run, on one disk (WORKDIR holds the native files, the store and the mount
 
 - **download**: the model written through the mount (write, close, and hubfs's commit done:
   the staging file has become its object) against native write + fsync of the same bytes;
-- **copy on demand**: the first open of ``model.pt``, whose tensors are the safetensors
-  file's chunks, makes its object (timed alone, before any read measurement);
+- **copy on demand**: the second open of ``model.pt``, whose tensors are the safetensors
+  file's chunks, starts making its object in the background (timed alone until done, before
+  any read measurement);
 - **reads** of the committed model: sequential cold and hot, random 4 KiB cold and hot,
   ``safetensors.torch.load_file`` and ``torch.load(mmap=True)`` cold and hot (every page
   touched), each alternating native and hubfs runs; a cold run starts after a drop of the
@@ -37,7 +38,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MIB, HubfsMount, hubfs_cli, make_weights, write_result
+from bench.common import (
+    MIB,
+    HubfsMount,
+    copied_on_demand,
+    hubfs_cli,
+    make_weights,
+    mount_status,
+    write_result,
+)
 from hubfs.benchmark import (
     RANDOM_READ_BYTES,
     Measurement,
@@ -77,17 +86,6 @@ def warmer(pair: tuple[Path, Path]) -> Callable[[str], None]:
     return lambda label: warm(pair[0] if label == "native" else pair[1])
 
 
-def open_once(path: Path) -> float:
-    """Seconds of one open and close of ``path``.
-
-    The first open of ``model.pt`` on the mount makes its object, a copy on demand of the
-    chunks it shares with the safetensors file (hubfs.materialise): done and timed here,
-    so that no read measurement contains it."""
-    start = time.perf_counter()
-    os.close(os.open(path, os.O_RDONLY))
-    return time.perf_counter() - start
-
-
 def cached_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("Cached:"):
@@ -95,13 +93,9 @@ def cached_bytes() -> int:
     raise RuntimeError("no Cached line in /proc/meminfo")
 
 
-def status(mnt: Path) -> dict:
-    return json.loads(hubfs_cli("status", str(mnt), "--json").stdout)
-
-
 def wait_stored(mnt: Path) -> None:
     """Until the daemon has committed every closed file."""
-    while status(mnt)["staged_files"]:
+    while mount_status(mnt)["staged_files"]:
         time.sleep(0.01)
 
 
@@ -191,14 +185,14 @@ def main() -> int:
     measurements: list[Measurement] = []
     with HubfsMount(work / "store", work / "mnt") as mount:
         mnt, store = mount.path, mount.store
-        mode = status(mnt)
+        mode = mount_status(mnt)
         print(f"read mode: {mode['read_mode']} ({mode['read_mode_why']})", file=sys.stderr)
         print("measuring the download ...", file=sys.stderr, flush=True)
         measurements += download(weights, native / "download.tmp", mnt, args.repeats)
         copy_file(weights, mnt / "model.safetensors")
         copy_file(pt, mnt / "model.pt")
         wait_stored(mnt)
-        copy_on_demand_s = open_once(mnt / "model.pt")
+        copy_on_demand_s = copied_on_demand(mnt, mnt / "model.pt")
 
         def cold(_label: str) -> None:
             drop_caches((native, store))
@@ -225,7 +219,7 @@ def main() -> int:
                                              begin=partial(cache_alike, pair, (native, store)))
             else:
                 measurements += measure_pair(name, nbytes, fn, [pair], args.repeats, cold)
-        served = status(mnt)
+        served = mount_status(mnt)
     verify = mount.verify()
     print("measuring three users ...", file=sys.stderr, flush=True)
     with HubfsMount(work / "store-users", work / "mnt-users") as users_mount:
@@ -249,7 +243,7 @@ def main() -> int:
           f"{users['page_cache_growth_x']:.2f}x one copy (target <= {PAGE_CACHE_TARGET_X}); "
           f"stored {users['stored_x_of_one_copy']:.3f}x one copy (target <= "
           f"{STORED_TARGET_X}); {users['objects']} object(s)")
-    print(f"model.pt's copy on demand (its first open): {copy_on_demand_s:.2f} s, "
+    print(f"model.pt's copy on demand (its second open): {copy_on_demand_s:.2f} s, "
           f"{served['materialised_bytes'] / 2**30:.2f} GiB materialised")
     print(f"verify after unmount: {'clean' if verify['ok'] else 'FAILED'}")
     extra = {"versus_native": rows, "native_filesystem": machine_facts(work).get("filesystem"),

@@ -319,8 +319,8 @@ class FileSystem:
         else:
             inode = self.names.accessed(ino, inode)
             if self._materialisable(ino, inode):
-                await self.materialiser.object_for(inode.content_id, inode.size,
-                                                   self.backing.sources().__contains__)
+                self.materialiser.opened_without_object(inode.content_id, inode.size,
+                                                        self.backing.sources().__contains__)
         if flags & os.O_TRUNC and writable:
             self.writeback.truncate(ino, inode, 0)
             if self.kills_privileges and caller is not None:
@@ -363,9 +363,8 @@ class FileSystem:
         return self._acquire(ino, object_id, self.store.packs.path(object_id), os.O_RDONLY)
 
     def _materialisable(self, ino: int, inode: Inode) -> bool:
-        """Whether a read-only open would be kernel-served if the content had an object."""
+        """Whether later read-only opens could be kernel-served if the content had an object."""
         return (self.backing.refused is None and passthrough_enabled()
-                and self.backing.source(ino) is None and not self.open_files.cached(ino)
                 and self.writeback.staged(ino) is None
                 and self.store.object_of(inode.content_id) is None)
 
@@ -468,9 +467,9 @@ class FileSystem:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Serve with background commits; at exit (unmount) store every staged file and make
-        the index durable."""
-        async with self.writeback.running():
+        """Serve with background commits and copies on demand; at exit (unmount) drop the
+        copy under way, store every staged file and make the index durable."""
+        async with self.writeback.running(), self.materialiser.running():
             yield
         await self.sync_index()
 
@@ -480,5 +479,6 @@ class FileSystem:
                 "kernel_served_files": self.backing.held(),
                 "materialised_bytes": self.materialiser.used_bytes,
                 "materialise_budget_bytes": self.materialiser.budget_bytes,
+                "copies_under_way": self.materialiser.copying,
                 "read_mode": "kernel (passthrough) for files with an object" if on else "daemon",
                 "read_mode_why": why, **self.writeback.counts()}

@@ -60,6 +60,33 @@ def write(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def released(mounted: Mounted, still_open: int = 0) -> None:
+    """Until the daemon has had the kernel's RELEASE of every file closed: close(2) returns
+    before the kernel sends it."""
+    deadline = time.monotonic() + COMMIT_WAIT_S
+    while status(mounted)["open_files"] > still_open and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def copied(mounted: Mounted) -> dict:
+    """The daemon's status once no copy on demand is under way."""
+    deadline = time.monotonic() + COMMIT_WAIT_S
+    while (state := status(mounted))["copies_under_way"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not state["copies_under_way"], state
+    return state
+
+
+def read_twice(mounted: Mounted, path: Path, still_open: int = 0) -> bytes:
+    """Read ``path`` in two opens, one after the other (its second open starts a copy on
+    demand, hubfs.materialise), and wait until the copy is done."""
+    for _ in range(2):
+        data = path.read_bytes()
+        released(mounted, still_open)
+    copied(mounted)
+    return data
+
+
 kernel = pytest.mark.skipif(not passthrough.available() or os.geteuid() != 0,
                             reason="passthrough needs the patched pyfuse3 and a root mount")
 
@@ -115,13 +142,44 @@ def test_rewriting_a_kernel_served_file(mounted: Mounted) -> None:
             assert reader.read(8) == b"XXXX" + data[4:8]
     settled(mounted)
     # Updated in place, it is stored as chunk references (4 new bytes, not a second copy);
-    # opened for reading, it is copied into an object of its own and served by the kernel.
+    # opened for reading twice, it is copied into an object of its own and served by the
+    # kernel.
     assert mounted.stats()["pack_bytes"] < 9 << 20  # the changed chunk(s), not a copy
+    assert read_twice(mounted, path) == b"XXXX" + data[4:]
     with open(path, "rb") as reader:
         assert reader.read() == b"XXXX" + data[4:]
         assert status(mounted)["kernel_served_files"] == 1
     stats = mounted.stats()
     assert len(objects(mounted)) == 2 and stats["materialised_objects"] == 1, stats
+
+
+@pytest.mark.mount
+@kernel
+def test_copy_on_demand_waits_for_a_second_open_of_unchanged_bytes(mounted: Mounted) -> None:
+    """No open waits for a copy on demand, and a content opened once is never copied: a file
+    rewritten between its reads (fsstress, a sqlite cache) costs no copies. The second open
+    of the same bytes starts the copy in the background; the third is kernel-served."""
+    data = bytearray(os.urandom(FILE_BYTES))
+    path = mounted.path / "tuned.bin"
+    write(mounted.path / "base.bin", bytes(data))
+    for round_ in range(3):  # changed in place between its reads: a new content each time
+        with open(path, "r+b" if round_ else "wb") as f:
+            data[round_ * 4096:(round_ + 1) * 4096] = os.urandom(4096)
+            f.write(data)
+        settled(mounted)
+        assert path.read_bytes() == data
+        released(mounted)
+        state = status(mounted)
+        assert state["copies_under_way"] == 0 and state["materialised_bytes"] == 0, state
+    assert len(objects(mounted)) == 1  # base.bin's; tuned.bin is chunk references
+    with open(path, "rb") as second:  # the daemon serves it while the copy runs
+        assert second.read() == data
+        assert status(mounted)["kernel_served_files"] == 0
+    released(mounted)
+    assert copied(mounted)["materialised_bytes"] == FILE_BYTES
+    with open(path, "rb") as third:
+        assert third.read() == data
+        assert status(mounted)["kernel_served_files"] == 1
 
 
 @pytest.mark.mount
@@ -345,17 +403,21 @@ def test_copies_on_demand_stay_within_their_budget(tmp_path: Path,
             write(mounted.path / name, variants[name])
         settled(mounted)
         assert len(objects(mounted)) == 1  # the variants are chunk references
-        with open(mounted.path / "tuned-a.bin", "rb") as a:
+        a_path, b_path = mounted.path / "tuned-a.bin", mounted.path / "tuned-b.bin"
+        assert read_twice(mounted, a_path) == variants["tuned-a.bin"]
+        with open(a_path, "rb") as a:
             assert a.read() == variants["tuned-a.bin"]
             assert mounted.stats()["materialised_objects"] == 1
-            with open(mounted.path / "tuned-b.bin", "rb") as b:  # no room while a is open
+            # no room for b while a is open: its second open makes no copy
+            assert read_twice(mounted, b_path, still_open=1) == variants["tuned-b.bin"]
+            assert mounted.stats()["materialised_objects"] == 1
+            with open(b_path, "rb") as b:
                 assert b.read() == variants["tuned-b.bin"]
-                assert status(mounted)["kernel_served_files"] == 1
-        # close(2) returns before the kernel sends the RELEASE: wait until the daemon had it
-        deadline = time.monotonic() + COMMIT_WAIT_S
-        while status(mounted)["kernel_served_files"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with open(mounted.path / "tuned-b.bin", "rb") as b:  # a is closed: b takes its room
+                assert status(mounted)["kernel_served_files"] == 1  # a only
+        released(mounted)
+        # a is closed: b's copy takes its room
+        assert read_twice(mounted, b_path) == variants["tuned-b.bin"]
+        with open(b_path, "rb") as b:
             assert b.read() == variants["tuned-b.bin"]
             assert status(mounted)["kernel_served_files"] == 1
         stats = mounted.stats()
