@@ -134,6 +134,9 @@ class Materialiser:
         except CopyStopped:
             pass
         except (HubfsError, OSError) as exc:  # a cache: the daemon goes on serving its reads
+            with self.store.read() as txn:
+                if txn.content(content_id) is None:
+                    return  # rewritten or removed while it was copied: nothing to serve
             log.error("could not copy content %s into an object (%s): the daemon goes on "
                       "serving its reads; free disk space, or run `hubfs verify STORE` if the "
                       "store is damaged", content_id.hex()[:16], exc)
@@ -171,10 +174,14 @@ class Materialiser:
         assert self.store.objects is not None
         copy, fd = self.store.objects.new_copy()
         try:
+            offset = 0
             for piece in self.store.reader.pieces(content_id):  # checked as it is read
                 if self._stopping.is_set():
                     raise CopyStopped
-                os.write(fd, piece)
+                if piece != bytes(len(piece)):  # holes stay holes: a sparse file's copy
+                    os.pwrite(fd, piece, offset)  # costs its data, not its size
+                offset += len(piece)
+            os.ftruncate(fd, offset)
             os.fsync(fd)
         except BaseException:
             copy.unlink()
