@@ -335,7 +335,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     sizes = ("staged_bytes", "decoded_cache_bytes", "index_bytes", "free_bytes", "disk_bytes",
              "materialised_bytes", "materialise_budget_bytes")
     for key, value in report.items():
-        if key == "recent_errors":
+        if key in ("recent_errors", "requests"):
             continue
         if isinstance(value, dict):
             for sub_key, sub_value in value.items():
@@ -351,6 +351,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         shown = human_bytes(value) if key in sizes else value
         print(f"{key.replace('_', ' '):22} {shown}")
+    print(f"{'requests served':22} {'count':>9} {'total s':>9} {'mean ms':>9} {'max ms':>9}")
+    for op, times in report["requests"].items():
+        print(f"  {op:20} {times['count']:9d} {times['total_s']:9.2f} {times['mean_ms']:9.3f} "
+              f"{times['max_ms']:9.1f}")
     print(f"{'recent errors':22} {len(report['recent_errors']) or 'none'}")
     for line in report["recent_errors"]:
         print(f"  {line}")

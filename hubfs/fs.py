@@ -14,6 +14,8 @@ import functools
 import logging
 import os
 import stat
+import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,13 +39,39 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+class RequestTimes:
+    """How many requests of each kind the mount served and how long they took in the daemon
+    (from the handler's start to its reply, waits for worker threads included): ``hubfs
+    status`` shows them, to tell which requests a slow workload spends its time in. Owned by
+    the trio thread, like every handler."""
+
+    def __init__(self) -> None:
+        self._count: Counter[str] = Counter()
+        self._seconds: dict[str, float] = {}
+        self._slowest: dict[str, float] = {}
+
+    def add(self, op: str, seconds: float) -> None:
+        self._count[op] += 1
+        self._seconds[op] = self._seconds.get(op, 0.0) + seconds
+        if seconds > self._slowest.get(op, 0.0):
+            self._slowest[op] = seconds
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """By request kind, most time first: count, total seconds, mean and slowest ms."""
+        return {op: {"count": self._count[op], "total_s": round(total, 3),
+                     "mean_ms": round(1e3 * total / self._count[op], 3),
+                     "max_ms": round(1e3 * self._slowest[op], 3)}
+                for op, total in sorted(self._seconds.items(), key=lambda kv: -kv[1])}
+
+
 def request(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Translate whatever a handler raises into a FUSE error reply."""
+    """Translate whatever a handler raises into a FUSE error reply; time it."""
 
     @functools.wraps(func)
     async def handler(*args: P.args, **kwargs: P.kwargs) -> T:
         self = args[0]
         assert isinstance(self, Operations)
+        start = time.perf_counter()
         try:
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -67,6 +95,8 @@ def request(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[
         except Exception:
             log.exception("%s%r failed", func.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.times.add(func.__name__, time.perf_counter() - start)
 
     return handler
 
@@ -109,6 +139,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
+        self.times = RequestTimes()
         self.enable_passthrough = fs.backing.refused is None  # read by the patched pyfuse3
         # Killpriv v2 (patched pyfuse3): the kernel then asks for security.capability once per
         # file rather than before every write (it marks the inode S_NOSEC after one look), and no

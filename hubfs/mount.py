@@ -212,6 +212,7 @@ def serve(store_path: Path, mountpoint: Path, options: set[str], policy: Policy,
 
         async def status(progress: Callable[[int, int], None]) -> dict[str, Any]:
             report = _status_report(fs, started, recent_errors)
+            report["requests"] = ops.times.report()
             if node is not None:
                 report["cluster"] = node.status()
             return report

@@ -49,6 +49,11 @@ def test_status_answers_while_a_large_write_is_ingested(tmp_path: Path,
         assert all(r["pid"] == reports[0]["pid"] and r["free_bytes"] > 0 for r in reports)
         assert {"read_mode", "read_mode_why", "recent_errors", "ingests_running",
                 "last_snapshot", "uptime_s"} <= set(reports[0])
+        # the requests the daemon served, with their times: the writer's create among them
+        created = reports[-1]["requests"]["create"]
+        assert created["count"] == 1 and 0 < created["mean_ms"] <= created["max_ms"], created
+        shown = run_hubfs("status", str(mounted.path)).stdout
+        assert "requests served" in shown and "  create " in shown, shown
     finally:
         writer.join()
         unmount_and_check(mounted, request)
