@@ -178,10 +178,13 @@ class Operations(pyfuse3.Operations):
         return entry(await self.fs.lookup(parent, name, ctx.uid if ctx else 0))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        start = time.perf_counter()  # (a FORGET has no reply: errors are only logged)
         try:
             await self.fs.forget(inode_list)
         except Exception:
             log.exception("forget %r failed", inode_list)
+        finally:
+            self.times.add("forget", time.perf_counter() - start)
 
     @request
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
